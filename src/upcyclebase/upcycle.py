@@ -105,3 +105,14 @@ def freeze_base_weights(model: nn.Module) -> None:
         param.requires_grad_(False)
     for param in extra_parameters(model).values():
         param.requires_grad_(True)
+
+
+def reset_router(model: nn.Module, router_init: str) -> None:
+    """Re-initialise every router (weight zero, bias selecting H heads) with ``router_init``."""
+    from .router import init_router_bias
+
+    config = model.upcycle_config
+    config.router_init = router_init
+    UpcycleConfig(**config.to_dict())  # validates router_init
+    for module in _require_upcycled(model):
+        init_router_bias(module.moh_router, module.moh_num_heads // 2, router_init, config.router_bias, module.layer_idx)
