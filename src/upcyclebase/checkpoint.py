@@ -186,7 +186,9 @@ def load_upcycled(
     else:
         if base_model is None:
             base_model = str(folder) if record["base_model"] == SELF_BASE else record["base_model"]
-        model, _ = load_base_model(base_model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        model, _ = load_base_model(
+            base_model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False
+        )
     _check_base(record, model, folder)
 
     saved: UpcycleConfig = record["upcycle"]

@@ -65,11 +65,16 @@ def _hub_error(model_id: str, error: OSError) -> ModelNotFoundError:
 
 
 def load_base_model(
-    model_id: str, device: str | None = None, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+    model_id: str,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    with_tokenizer: bool = True,
 ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer from a Hub id, a local folder or the embedded alias.
 
-    Only safetensors weights are read; remote code runs only when asked for.
+    Only safetensors weights are read; remote code runs only when asked for. Returns
+    (model, tokenizer), the tokenizer None when ``with_tokenizer`` is False.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,7 +82,7 @@ def load_base_model(
     path = resolve_model_path(model_id)
     logger.info("Loading %s on %s as %s", model_id, device, str(dtype).removeprefix("torch."))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code) if with_tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
