@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import UpcycleConfig
 from .router import Routing, init_router_bias, route
+from .selected_heads import selected_heads_forward
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -58,6 +59,8 @@ class MoHAttentionMixin:
     moh_record_routing: bool
     moh_last_routing: Routing | None
     _moh_base_class: type
+    # True runs the dense reference: all 2H heads computed, unselected ones gated to zero
+    moh_dense_reference: bool = False
 
     def _init_moh(self, config: UpcycleConfig) -> None:
         """Create the extra bank as copies of the original heads and a router selecting H of 2H."""
@@ -114,6 +117,9 @@ class MoHAttentionMixin:
     def forward(self, *args: Any, **kwargs: Any):
         if not self.moh_routed:
             return super().forward(*args, **kwargs)
+        # Attention weights come back per head only from the dense path
+        if self.moh_dense_reference or kwargs.get("output_attentions"):
+            return self._dense_routed_forward(*args, **kwargs)
         return self._routed_forward(*args, **kwargs)
 
     @property
@@ -122,6 +128,19 @@ class MoHAttentionMixin:
         return sys.modules[self._moh_base_class.__module__]
 
     def _routed_forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ):
+        """Routed attention computing only the selected heads (see :mod:`upcyclebase.selected_heads`)."""
+        cache = cache if cache is not None else past_key_values
+        return selected_heads_forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+
+    def _dense_routed_forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],

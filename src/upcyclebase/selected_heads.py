@@ -1,0 +1,206 @@
+"""Routed attention that computes only the selected heads.
+
+The dense reference (``MoHAttentionMixin._dense_routed_forward``) projects, attends and
+outputs all 2H heads and multiplies the unselected ones by a zero gate, so it pays for 2H
+heads whatever top_k is. This path pays for top_k heads per token:
+
+1. Rows. Each selected (token, head) pair is one row. Rows are sorted head by head, so
+   the query and output projections of head e are one matmul over the tokens that
+   selected e, against the rows of ``q_proj`` (or ``q_proj_extra``) that belong to e.
+2. Slots. Extra head h+H shares the key/value head of original head h, so every row of a
+   key/value group attends the same keys. Per token, the rows of group n are placed in
+   slots 0..K'-1 of that group, where K' is the largest number of heads one token
+   selected in one group. The attention then runs on (B, N*K', T, D) queries as the
+   stock model runs on (B, H, T, D), with K' in place of H / N query heads per
+   key/value head. Keys, values, cache, mask (causal, sliding window, padding) and
+   attention kernel are the stock model's.
+3. Outputs. Each row's output is gated, goes through its own head's slice of ``o_proj``
+   (or ``o_proj_extra``) and is summed into its token.
+
+With one key/value head (MQA, as in Gemma-3 270M and 1B) every token has exactly top_k
+rows, so K' = top_k and no slot is wasted. With several key/value heads, a token that
+selected fewer than K' heads in a group leaves slots of zero queries whose outputs are
+dropped: correct, but that attention work is wasted.
+
+Shape legend:
+    B: batch, T: query tokens, S: key tokens (cache included), C: hidden size,
+    H: original query heads, N: key/value heads, G = H / N, D: head dim, E = 2H,
+    R: selected (token, head) rows, K': query slots per key/value head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .router import route
+
+
+@dataclass
+class RowPlan:
+    """Source token, head and attention slot of each selected (token, head) row.
+
+    Rows are sorted by head (bank order: originals 0..H-1, extras H..2H-1), then by token.
+    """
+
+    token: torch.Tensor  # (R,) flat token index b * T + t
+    head: torch.Tensor  # (R,) head index in bank order
+    counts: list[int]  # (E,) rows per head
+    slot: torch.Tensor  # (R,) row index into the (B * T * N * K') slot layout
+    slots_per_group: int  # K'
+
+
+def plan_rows(mask: torch.Tensor, num_kv_heads: int, top_k: int) -> RowPlan:
+    """Lay out the selected heads of ``mask`` (B*T, E) as rows and attention slots.
+
+    On CUDA this synchronises with the host once or twice per call, because the per-head
+    row counts size the projections' matmuls.
+    """
+    tokens, num_heads_both = mask.shape
+    num_heads = num_heads_both // 2
+    groups = num_heads // num_kv_heads
+    device = mask.device
+
+    # (R,) head-major: nonzero of the transposed mask walks head by head, tokens ascending
+    head, token = mask.t().nonzero(as_tuple=True)
+    counts = torch.bincount(head, minlength=num_heads_both).tolist()
+
+    # (E,) heads in group order: for each key/value group, its originals then its extras
+    group_order = torch.arange(num_heads_both, device=device).view(2, num_kv_heads, groups).transpose(0, 1).reshape(-1)
+    # (B*T, N, 2G) selections per group
+    by_group = mask[:, group_order].view(tokens, num_kv_heads, 2 * groups)
+    if num_kv_heads == 1:
+        slots_per_group = top_k
+    else:
+        slots_per_group = int(by_group.sum(dim=-1).max())
+
+    # (B*T, E) rank of each selected head among its token's selections in the same group
+    rank_by_group = by_group.to(torch.int64).cumsum(dim=-1) - 1
+    rank = torch.empty_like(rank_by_group.view(tokens, -1))
+    rank[:, group_order] = rank_by_group.view(tokens, -1)
+
+    group_of_head = (torch.arange(num_heads_both, device=device) % num_heads) // groups
+    slot = (token * num_kv_heads + group_of_head[head]) * slots_per_group + rank[token, head]
+    return RowPlan(token=token, head=head, counts=counts, slot=slot, slots_per_group=slots_per_group)
+
+
+def _head_projection(module: nn.Module, head: int, bank_modules: tuple[str, str]) -> nn.Linear:
+    """Return the original-bank or extra-bank linear layer of head ``head`` (bank order)."""
+    num_heads = module.config.num_attention_heads
+    return getattr(module, bank_modules[0] if head < num_heads else bank_modules[1])
+
+
+def _project_queries(module: nn.Module, hidden: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+    """Project the selected rows to (R, D) queries, one matmul per head with that head's rows of q_proj."""
+    num_heads, head_dim = module.config.num_attention_heads, module.head_dim
+    hidden_rows = hidden.index_select(0, plan.token)  # (R, C)
+    parts = []
+    for head, rows in enumerate(hidden_rows.split(plan.counts)):
+        if rows.shape[0] == 0:
+            continue
+        proj = _head_projection(module, head, ("q_proj", "q_proj_extra"))
+        start = (head % num_heads) * head_dim
+        weight = proj.weight[start : start + head_dim]
+        bias = None if proj.bias is None else proj.bias[start : start + head_dim]
+        parts.append(F.linear(rows, weight, bias))
+    return torch.cat(parts)
+
+
+def _project_outputs(module: nn.Module, rows: torch.Tensor, plan: RowPlan, tokens: int) -> torch.Tensor:
+    """Project each row through its head's columns of o_proj and sum the rows of each token into (B*T, C)."""
+    num_heads, head_dim = module.config.num_attention_heads, module.head_dim
+    parts = []
+    for head, head_rows in enumerate(rows.split(plan.counts)):
+        if head_rows.shape[0] == 0:
+            continue
+        proj = _head_projection(module, head, ("o_proj", "o_proj_extra"))
+        start = (head % num_heads) * head_dim
+        parts.append(F.linear(head_rows, proj.weight[:, start : start + head_dim]))
+    output_rows = torch.cat(parts)
+    output = output_rows.new_zeros(tokens, output_rows.shape[-1]).index_add(0, plan.token, output_rows)
+
+    # The dense reference adds each bank's bias once per token, whatever was selected
+    for proj in (module.o_proj, module.o_proj_extra):
+        if proj.bias is not None:
+            output = output + proj.bias
+    return output
+
+
+def selected_heads_forward(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+    cache: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Routed attention of an upcycled block that computes only the top_k selected heads per token.
+
+    Returns the same output as the dense reference up to float rounding. Attention
+    weights, where the attention function returns them, are in the slot layout
+    (B, N*K', T, S), not per head, so the attention module runs the dense reference
+    when a caller requests ``output_attentions``.
+    """
+    from .attention import _GroupedQueries
+
+    num_heads, head_dim = module.config.num_attention_heads, module.head_dim
+    num_kv_heads = module.config.num_key_value_heads
+    batch, length = hidden_states.shape[:-1]
+    tokens = batch * length
+
+    # (B, T, E): which heads each token uses, and their gates
+    routing = route(module.moh_router(hidden_states), module.moh_top_k, module.moh_gate_mode)
+    if module.moh_record_routing:
+        module.moh_last_routing = routing
+    plan = plan_rows(routing.mask.view(tokens, 2 * num_heads), num_kv_heads, module.moh_top_k)
+    slots = num_kv_heads * plan.slots_per_group
+
+    # (R, D) queries of the selected heads, placed into (B, N*K', T, D) slots
+    hidden = hidden_states.reshape(tokens, -1)
+    query_rows = _project_queries(module, hidden, plan)
+    queries = query_rows.new_zeros(tokens * slots, head_dim).index_copy(0, plan.slot, query_rows)
+    queries = queries.view(batch, length, slots, head_dim).transpose(1, 2)
+
+    # (B, N, T, D) keys and values, as in the stock model
+    keys = module.k_proj(hidden_states).view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+    values = module.v_proj(hidden_states).view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+
+    # Same norms and rotary embedding as the original heads; both act on each row alone
+    queries = module.q_norm(queries)
+    keys = module.k_norm(keys)
+    cos, sin = position_embeddings
+    queries, keys = module._family_module.apply_rotary_pos_emb(queries, keys, cos, sin)
+
+    # (B, N, S, D) with the cache, laid out exactly as the stock model's
+    if cache is not None:
+        keys, values = cache.update(keys, values, module.layer_idx, kwargs=kwargs)
+
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, module._family_module.eager_attention_forward
+    )
+    # (B, T, N*K', D): each key/value head serves its K' slots
+    attn_output, attn_weights = attention_interface(
+        _GroupedQueries(module, plan.slots_per_group),
+        queries,
+        keys,
+        values,
+        attention_mask,
+        dropout=module.attention_dropout if module.training else 0.0,
+        scaling=module.scaling,
+        sliding_window=module.sliding_window,
+        **kwargs,
+    )
+
+    # (R, D) outputs of the selected rows, gated
+    rows = attn_output.reshape(tokens * slots, head_dim).index_select(0, plan.slot)
+    gates = routing.gates.view(tokens, -1)[plan.token, plan.head]
+    rows = rows * gates.unsqueeze(-1)
+
+    # (B, T, C)
+    output = _project_outputs(module, rows, plan, tokens)
+    return output.view(batch, length, -1), attn_weights
