@@ -1,8 +1,8 @@
 """Save and load upcycled models, PEFT-style: only the new weights plus a JSON config.
 
-A folder holds ``upcycle_config.json`` (base model, shapes, upcycling settings, routing
+An adapter folder contains ``upcycle_config.json`` (base model, shapes, upcycling settings, routing
 state) and ``upcycle_adapter.safetensors`` (extra banks and routers), plus the tokenizer.
-A full copy also holds the base model as a regular Hugging Face folder, which plain
+A full copy also contains the base model as a regular Hugging Face folder, which plain
 ``AutoModelForCausalLM.from_pretrained`` still loads as the stock model. Loading reads
 safetensors and JSON only.
 """

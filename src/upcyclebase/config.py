@@ -21,7 +21,7 @@ FORMAT_VERSION = 1
 
 @dataclass
 class UpcycleConfig:
-    """How the extra heads and the router are built, and how routing runs now."""
+    """Construction of the extra heads and the router, and the current routing state."""
 
     router_init: str = field(
         default="original",
