@@ -19,6 +19,15 @@ TOLERANCE = 1e-5
 NUM_HEADS = 4  # query heads of the tiny model, so top_k runs 1..8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run the tiny models on one thread: their matmuls are too small to gain from more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_routed_model(num_kv_heads=1, seed=0, attn_implementation="sdpa", **settings):
     """A tiny upcycled Gemma-3 with random router weights and a perturbed extra bank, routed."""
     model = make_tiny_gemma3(seed=seed, num_kv_heads=num_kv_heads, attn_implementation=attn_implementation)

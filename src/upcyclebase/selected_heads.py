@@ -53,6 +53,8 @@ class RowPlan:
     counts: list[int]  # (E,) rows per head
     slot: torch.Tensor  # (R,) row index into the (B * T * N * K') slot layout
     slots_per_group: int  # K'
+    all_slots_filled: bool  # every slot gets a row, so the slot tensor needs no zero fill
+    slots_in_row_order: bool  # slot == arange(R), so rows need no reordering
 
 
 def plan_rows(mask: torch.Tensor, num_kv_heads: int, top_k: int) -> RowPlan:
@@ -61,6 +63,8 @@ def plan_rows(mask: torch.Tensor, num_kv_heads: int, top_k: int) -> RowPlan:
     On CUDA this synchronises with the host once or twice per call, because the per-head
     row counts size the projections' matmuls.
     """
+    if num_kv_heads == 1:
+        return _plan_rows_one_group(mask, top_k)
     tokens, num_heads_both = mask.shape
     num_heads = num_heads_both // 2
     groups = num_heads // num_kv_heads
@@ -74,10 +78,7 @@ def plan_rows(mask: torch.Tensor, num_kv_heads: int, top_k: int) -> RowPlan:
     group_order = torch.arange(num_heads_both, device=device).view(2, num_kv_heads, groups).transpose(0, 1).reshape(-1)
     # (B*T, N, 2G) selections per group
     by_group = mask[:, group_order].view(tokens, num_kv_heads, 2 * groups)
-    if num_kv_heads == 1:
-        slots_per_group = top_k
-    else:
-        slots_per_group = int(by_group.sum(dim=-1).max())
+    slots_per_group = int(by_group.sum(dim=-1).max())
 
     # (B*T, E) rank of each selected head among its token's selections in the same group
     rank_by_group = by_group.to(torch.int64).cumsum(dim=-1) - 1
@@ -86,7 +87,21 @@ def plan_rows(mask: torch.Tensor, num_kv_heads: int, top_k: int) -> RowPlan:
 
     group_of_head = (torch.arange(num_heads_both, device=device) % num_heads) // groups
     slot = (token * num_kv_heads + group_of_head[head]) * slots_per_group + rank[token, head]
-    return RowPlan(token=token, head=head, counts=counts, slot=slot, slots_per_group=slots_per_group)
+    filled = slots_per_group * num_kv_heads == top_k and bool((by_group.sum(dim=-1) == slots_per_group).all())
+    return RowPlan(token, head, counts, slot, slots_per_group, all_slots_filled=filled, slots_in_row_order=False)
+
+
+def _plan_rows_one_group(mask: torch.Tensor, top_k: int) -> RowPlan:
+    """With one key/value head, a row's slot is its position among the selections in token-major order."""
+    tokens, num_heads_both = mask.shape
+    token, head = mask.nonzero(as_tuple=True)  # token-major, heads ascending
+    if tokens > 1:
+        order = torch.argsort(head, stable=True)
+        token, head, slot = token[order], head[order], order
+    else:
+        slot = torch.arange(head.shape[0], device=mask.device)
+    counts = torch.bincount(head, minlength=num_heads_both).tolist()
+    return RowPlan(token, head, counts, slot, top_k, all_slots_filled=True, slots_in_row_order=tokens == 1)
 
 
 def _head_projection(module: nn.Module, head: int, bank_modules: tuple[str, str]) -> nn.Linear:
@@ -96,33 +111,35 @@ def _head_projection(module: nn.Module, head: int, bank_modules: tuple[str, str]
 
 
 def _project_queries(module: nn.Module, hidden: torch.Tensor, plan: RowPlan) -> torch.Tensor:
-    """Project the selected rows to (R, D) queries, one matmul per head with that head's rows of q_proj."""
+    """Project the selected rows to queries in the (B*T*N*K', D) slot layout, one matmul per head."""
     num_heads, head_dim = module.config.num_attention_heads, module.head_dim
-    hidden_rows = hidden.index_select(0, plan.token)  # (R, C)
     parts = []
-    for head, rows in enumerate(hidden_rows.split(plan.counts)):
-        if rows.shape[0] == 0:
+    for head, tokens in enumerate(plan.token.split(plan.counts)):
+        if tokens.shape[0] == 0:
             continue
         proj = _head_projection(module, head, ("q_proj", "q_proj_extra"))
         start = (head % num_heads) * head_dim
         weight = proj.weight[start : start + head_dim]
         bias = None if proj.bias is None else proj.bias[start : start + head_dim]
-        parts.append(F.linear(rows, weight, bias))
-    return torch.cat(parts)
+        parts.append(F.linear(hidden.index_select(0, tokens), weight, bias))
+    rows = torch.cat(parts)  # (R, D)
+    if plan.slots_in_row_order:
+        return rows
+    slots = hidden.shape[0] * plan.slots_per_group * module.config.num_key_value_heads
+    empty = rows.new_empty if plan.all_slots_filled else rows.new_zeros
+    return empty(slots, head_dim).index_copy(0, plan.slot, rows)
 
 
 def _project_outputs(module: nn.Module, rows: torch.Tensor, plan: RowPlan, tokens: int) -> torch.Tensor:
     """Project each row through its head's columns of o_proj and sum the rows of each token into (B*T, C)."""
     num_heads, head_dim = module.config.num_attention_heads, module.head_dim
-    parts = []
-    for head, head_rows in enumerate(rows.split(plan.counts)):
+    output = rows.new_zeros(tokens, module.config.hidden_size)
+    for head, (head_rows, head_tokens) in enumerate(zip(rows.split(plan.counts), plan.token.split(plan.counts))):
         if head_rows.shape[0] == 0:
             continue
         proj = _head_projection(module, head, ("o_proj", "o_proj_extra"))
         start = (head % num_heads) * head_dim
-        parts.append(F.linear(head_rows, proj.weight[:, start : start + head_dim]))
-    output_rows = torch.cat(parts)
-    output = output_rows.new_zeros(tokens, output_rows.shape[-1]).index_add(0, plan.token, output_rows)
+        output.index_add_(0, head_tokens, F.linear(head_rows, proj.weight[:, start : start + head_dim]))
 
     # The dense reference adds each bank's bias once per token, whatever was selected
     for proj in (module.o_proj, module.o_proj_extra):
@@ -160,10 +177,8 @@ def selected_heads_forward(
     plan = plan_rows(routing.mask.view(tokens, 2 * num_heads), num_kv_heads, module.moh_top_k)
     slots = num_kv_heads * plan.slots_per_group
 
-    # (R, D) queries of the selected heads, placed into (B, N*K', T, D) slots
-    hidden = hidden_states.reshape(tokens, -1)
-    query_rows = _project_queries(module, hidden, plan)
-    queries = query_rows.new_zeros(tokens * slots, head_dim).index_copy(0, plan.slot, query_rows)
+    # (B, N*K', T, D) queries of the selected heads in their slots
+    queries = _project_queries(module, hidden_states.reshape(tokens, -1), plan)
     queries = queries.view(batch, length, slots, head_dim).transpose(1, 2)
 
     # (B, N, T, D) keys and values, as in the stock model
@@ -197,9 +212,13 @@ def selected_heads_forward(
     )
 
     # (R, D) outputs of the selected rows, gated
-    rows = attn_output.reshape(tokens * slots, head_dim).index_select(0, plan.slot)
-    gates = routing.gates.view(tokens, -1)[plan.token, plan.head]
-    rows = rows * gates.unsqueeze(-1)
+    rows = attn_output.reshape(tokens * slots, head_dim)
+    if not plan.slots_in_row_order:
+        rows = rows.index_select(0, plan.slot)
+    # Hard gates are exactly 1.0 in the forward pass, so without autograd the product is skipped
+    if module.moh_gate_mode != "hard" or routing.gates.requires_grad:
+        gates = routing.gates.view(tokens, -1)[plan.token, plan.head]
+        rows = rows * gates.unsqueeze(-1)
 
     # (B, T, C)
     output = _project_outputs(module, rows, plan, tokens)

@@ -1,0 +1,408 @@
+"""Targets, ratios, the record page (Markdown), the JSON file and the plot of a benchmark run."""
+
+from __future__ import annotations
+
+import json
+import operator
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .benchmark import PROFILE_CLASSES, VARIANTS
+
+
+@dataclass(frozen=True)
+class Target:
+    """A ratio of two measurements and the bound it should meet."""
+
+    name: str
+    section: str  # forward, generate, train_time or train_memory
+    variant: str
+    reference: str
+    comparison: str  # "<=", "<" or ">="
+    bound: float
+
+
+TARGETS = (
+    Target("identity shortcut forward / stock forward", "forward", "identity", "stock", "<=", 1.01),
+    Target("routed top_k=H forward / stock forward", "forward", "routed", "stock", "<=", 1.05),
+    Target("routed top_k=H/2 forward / stock forward", "forward", "routed_half", "stock", "<", 1.00),
+    Target("routed training step / LoRA training step", "train_time", "routed", "lora", "<=", 1.00),
+    Target("routed generation tokens/s / stock tokens/s", "generate", "routed", "stock", ">=", 0.90),
+    Target("routed training peak memory / LoRA training peak memory", "train_memory", "routed", "lora", "<=", 1.10),
+)
+_COMPARE = {"<=": operator.le, "<": operator.lt, ">=": operator.ge}
+
+# Remedy for each profile class, quoted in the gap analysis of a missed target
+REMEDIES = {
+    "router and routing": "fuse the router matmul, softmax, top-k and row plan (nonzero, bincount, cumsum) into one "
+    "kernel, or run them for all layers' tokens with fewer, larger calls; at short lengths their per-call overhead dominates",
+    "row gather/scatter": "read hidden rows by index inside a grouped GEMM (one kernel for all heads, as MoE kernels do) "
+    "instead of copying rows into head order and adding outputs back per token",
+    "attention projections": "run the per-head matmuls as one grouped GEMM; several small matmuls reach lower BLAS "
+    "efficiency than the stock model's single q_proj and o_proj",
+    "attention (QK^T, softmax, V)": "the attention kernel sees the same number of query rows as the stock model at "
+    "top_k=H; a gap here is noise or a different kernel choice",
+    "other": "the fast path adds the gate multiply, the zero-filled slot tensor and the bias adds; fusing them into "
+    "the projections removes those passes over memory",
+    "LM head": "identical in every variant; a chunked cross-entropy cuts its training memory",
+    "MLP": "identical in every variant",
+    "LoRA adapters": "only in the LoRA variant",
+}
+
+
+def forward_cell(results: dict, batch: int = 1, seq_len: int = 512) -> dict:
+    """Return the forward cell of the targets: batch 1 at length 512, else the batch-1 cell nearest to it."""
+    cells = [cell for cell in results["forward"] if cell["batch"] == batch] or results["forward"]
+    return min(cells, key=lambda cell: abs(cell["seq_len"] - seq_len))
+
+
+def _section(results: dict, target: Target) -> tuple[dict, dict, str]:
+    """Return the two summaries a target compares and the unit they are in."""
+    if target.section == "forward":
+        seconds = forward_cell(results)["seconds"]
+        return seconds[target.variant], seconds[target.reference], "s"
+    if target.section == "generate":
+        rates = results["generate"]["tokens_per_second"]
+        return rates[target.variant], rates[target.reference], "tokens/s"
+    if target.section == "train_time":
+        seconds = results["train"]["seconds"]
+        return seconds[target.variant], seconds[target.reference], "s"
+    memory = results["train"]["memory"]
+    peak = {variant: memory[variant]["peak_bytes"] for variant in (target.variant, target.reference)}
+    if None in peak.values():
+        return None, None, "bytes"
+    as_summary = {variant: {"median": value, "min": value, "max": value} for variant, value in peak.items()}
+    return as_summary[target.variant], as_summary[target.reference], "bytes"
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    """Compute each target's ratio of medians, its range over the repeats, and whether it is met."""
+    rows = []
+    for target in TARGETS:
+        found, reference, unit = _section(results, target)
+        row = {"name": target.name, "target": f"{target.comparison} {target.bound:.2f}", "unit": unit}
+        if found is None:
+            rows.append({**row, "ratio": None, "met": None, "low": None, "high": None})
+            continue
+        ratio = found["median"] / reference["median"]
+        row.update(
+            ratio=ratio,
+            low=found["min"] / reference["max"],
+            high=found["max"] / reference["min"],
+            met=bool(_COMPARE[target.comparison](ratio, target.bound)),
+        )
+        rows.append(row)
+    return rows
+
+
+def profile_gaps(results: dict, variant: str, reference: str, limit: int = 3) -> list[tuple[str, float]]:
+    """Return the profile classes in which ``variant`` spends the most time over ``reference``, largest first."""
+    seconds = results["profile"]["seconds"]
+    if variant not in seconds or reference not in seconds:
+        return []
+    deltas = [(label, seconds[variant][label] - seconds[reference][label]) for label in PROFILE_CLASSES]
+    return sorted((item for item in deltas if item[1] > 0), key=lambda item: -item[1])[:limit]
+
+
+def _ms(summary: dict) -> str:
+    return f"{summary['median'] * 1e3:.1f} ({summary['min'] * 1e3:.1f}-{summary['max'] * 1e3:.1f})"
+
+
+def _gib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**30:.3f}"
+
+
+def _load(values) -> str:
+    return " / ".join(f"{value:.2f}" for value in values)
+
+
+def _target_lines(results: dict, targets: list[dict]) -> list[str]:
+    lines = ["| ratio | target | measured (median) | range over repeats | met |", "|---|---|---|---|---|"]
+    for row in targets:
+        if row["ratio"] is None:
+            lines.append(f"| {row['name']} | {row['target']} | not measured | | n/a |")
+            continue
+        met = "yes" if row["met"] else "**no**"
+        lines.append(f"| {row['name']} | {row['target']} | {row['ratio']:.3f} | {row['low']:.3f}-{row['high']:.3f} | {met} |")
+    return lines
+
+
+def _gap_lines(results: dict, targets: list[dict]) -> list[str]:
+    lines = []
+    for target, row in zip(TARGETS, targets):
+        if row["met"] is not False:
+            continue
+        lines.append(f"- **{row['name']}**: {row['ratio']:.3f}, target {row['target']}.")
+        bound = float(row["target"].split()[-1])
+        if row["low"] is not None and row["low"] <= bound <= row["high"]:
+            lines.append("  The bound lies within the range over the repeats, so this run cannot tell it from noise.")
+        if target.section == "train_memory":
+            memory = results["train"]["memory"]
+            found, reference = memory[target.variant], memory[target.reference]
+            lines.append(
+                f"  Resident {_gib(found['resident_bytes'])} vs {_gib(reference['resident_bytes'])} GiB; growth during "
+                f"the step {_gib(found['growth_bytes'])} vs {_gib(reference['growth_bytes'])} GiB."
+            )
+            continue
+        profiled_variant = "routed" if target.variant == "identity" else target.variant
+        for label, delta in profile_gaps(results, profiled_variant, target.reference):
+            lines.append(f"  - {label}: +{delta * 1e3:.1f} ms in the profiled forward. To close: {REMEDIES[label]}.")
+    return lines or ["Every target is met in this run."]
+
+
+def _environment_lines(environment: dict) -> list[str]:
+    return [
+        f"- Command: `{environment['command']}`",
+        f"- Date: {environment['date']}",
+        f"- Machine: {environment['machine']}",
+        f"- Device: {environment['device']}, dtype {environment['dtype']}, torch threads {environment['threads']}",
+        f"- Versions: {', '.join(f'{name} {version}' for name, version in environment['versions'].items())}",
+        f"- Load average (1, 5, 15 min) at start: {_load(environment['load_start'])}; at end: {_load(environment['load_end'])}",
+        f"- Run time: {environment['wall_seconds']:.0f} s",
+    ]
+
+
+def render_markdown(results: dict, environment: dict, settings: dict) -> str:
+    """Render the record page: setup, targets, every table, the profile and the gap analysis."""
+    targets = evaluate_targets(results)
+    model = results["model"]
+    routing = results["routing"]
+    lines = [
+        "# Benchmarks: routed heads against the stock model and LoRA",
+        "",
+        "Written by `upcyclebase bench`; rerun the command below to refresh it. Figures are medians over interleaved",
+        "repeats, with min-max in brackets. Times in ms unless marked.",
+        "",
+        "## Setup",
+        "",
+        *_environment_lines(environment),
+        f"- Model: {model['id']} ({model['layers']} layers, hidden {model['hidden']}, {model['heads']} query heads, "
+        f"{model['kv_heads']} key/value heads, head dim {model['head_dim']}, vocabulary {model['vocab']}, "
+        f"{model['parameters'] / 1e6:.1f}M parameters)",
+        f"- Trainable parameters: routed {results['train']['trainable_parameters']['routed']:,} "
+        f"(extra banks and routers), LoRA {results['train']['trainable_parameters']['lora']:,} (rank {results['lora_rank']})",
+        f"- Routers: random weights scaled so router logits have a standard deviation of about 1 over the init's "
+        f"+-1 bias; on {routing['tokens']} random tokens at top_k=H, extra heads take {routing['extra_head_share']:.0%} "
+        f"of the selections and each layer sees {routing['distinct_head_sets_per_layer']['min']}-"
+        f"{routing['distinct_head_sets_per_layer']['max']} distinct head sets.",
+        f"- Settings: `{json.dumps(settings)}`",
+        "",
+        "## Targets",
+        "",
+        f"Forward ratios use batch {forward_cell(results)['batch']}, length {forward_cell(results)['seq_len']}.",
+        "",
+        *_target_lines(results, targets),
+        "",
+        "### Gaps",
+        "",
+        *_gap_lines(results, targets),
+        "",
+        *_forward_lines(results),
+        "",
+        *_generate_lines(results),
+        "",
+        *_train_lines(results),
+        "",
+        *_profile_lines(results),
+        "",
+        "## Method",
+        "",
+        "- Variants: " + "; ".join(f"`{key}` = {label}" for key, label in VARIANTS.items()) + ".",
+        "- Every round runs each variant once, in an order that rotates between rounds, after one untimed warm-up run.",
+        "- Forward: one prefill forward returning the logits of the last position only (`logits_to_keep=1`), so the",
+        "  262k-vocabulary LM head costs one row. The profile below uses the logits of every position.",
+        "- Generation: greedy, batch 1, a fixed number of new tokens with the default KV cache; tokens/s counts the new",
+        "  tokens over the whole `generate` call, prefill included.",
+        "- Training step: `model(input_ids, labels=input_ids).loss`, backward and AdamW (lr 1e-5) over the trainable",
+        "  parameters only; the base weights are frozen in both the routed and the LoRA model.",
+        "- Peak memory of a step: bytes of the variant's tensors alive when the step starts (every weight and the",
+        "  optimizer states) plus the largest growth during the step. On CPU the growth is that of the process's peak",
+        "  resident set size (Linux `VmHWM`, reset through `/proc/self/clear_refs` before the step), with glibc's",
+        "  `mallopt(M_MMAP_THRESHOLD, 64 KiB)` so freed tensors return to the system. On CUDA it is",
+        "  `torch.cuda.max_memory_allocated` minus the memory allocated at the start.",
+        "- Profile: `torch.profiler` self time of each operator in one forward (batch 1, every position's logits), each",
+        "  operator put in a class by its name and, for matmuls, by its weight's shape.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _forward_lines(results: dict) -> list[str]:
+    variants = list(results["forward"][0]["seconds"])
+    header = "| batch | length | " + " | ".join(variants) + " | load (1 min) |"
+    lines = ["## Forward latency (ms)", "", header, "|" + "---|" * (len(variants) + 3)]
+    for cell in results["forward"]:
+        values = " | ".join(_ms(cell["seconds"][variant]) for variant in variants)
+        lines.append(f"| {cell['batch']} | {cell['seq_len']} | {values} | {cell['load'][0]:.2f} |")
+    lines += ["", "Ratio of medians against the stock model:", "",
+              "| batch | length | " + " | ".join(variants[1:]) + " |", "|" + "---|" * (len(variants) + 1)]
+    for cell in results["forward"]:
+        stock = cell["seconds"]["stock"]["median"]
+        ratios = " | ".join(f"{cell['seconds'][variant]['median'] / stock:.3f}" for variant in variants[1:])
+        lines.append(f"| {cell['batch']} | {cell['seq_len']} | {ratios} |")
+    return lines
+
+
+def _generate_lines(results: dict) -> list[str]:
+    generate = results["generate"]
+    rates = generate["tokens_per_second"]
+    stock = rates["stock"]["median"]
+    lines = [
+        f"## Generation (tokens/s, prompt {generate['prompt_len']}, {generate['new_tokens']} new tokens, "
+        f"load {generate['load'][0]:.2f})",
+        "",
+        "| variant | tokens/s | ratio to stock |",
+        "|---|---|---|",
+    ]
+    for variant, summary in rates.items():
+        lines.append(
+            f"| {variant} | {summary['median']:.2f} ({summary['min']:.2f}-{summary['max']:.2f}) | {summary['median'] / stock:.3f} |"
+        )
+    return lines
+
+
+def _train_lines(results: dict) -> list[str]:
+    train = results["train"]
+    lines = [
+        f"## Training step (batch {train['batch']}, length {train['seq_len']}, load {train['load'][0]:.2f})",
+        "",
+        "| variant | trainable parameters | step (s) | peak memory (GiB) | resident at start (GiB) | growth during step (GiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, summary in train["seconds"].items():
+        memory = train["memory"][variant]
+        lines.append(
+            f"| {variant} | {train['trainable_parameters'][variant]:,} | {summary['median']:.2f} "
+            f"({summary['min']:.2f}-{summary['max']:.2f}) | {_gib(memory['peak_bytes'])} | "
+            f"{_gib(memory['resident_bytes'])} | {_gib(memory['growth_bytes'])} |"
+        )
+    lines += ["", f"The fp32 logits of one step alone take {_gib(train['logits_bytes'])} GiB."]
+    return lines
+
+
+def _profile_lines(results: dict) -> list[str]:
+    profile = results["profile"]
+    variants = list(profile["seconds"])
+    lines = [
+        f"## Profile (ms of {profile['clock']}, one forward, batch {profile['batch']}, length {profile['seq_len']}, "
+        "logits of every position)",
+        "",
+        "| class | " + " | ".join(variants) + " |",
+        "|" + "---|" * (len(variants) + 1),
+    ]
+    for label in PROFILE_CLASSES:
+        values = " | ".join(f"{profile['seconds'][variant][label] * 1e3:.1f}" for variant in variants)
+        lines.append(f"| {label} | {values} |")
+    totals = " | ".join(f"{sum(profile['seconds'][variant].values()) * 1e3:.1f}" for variant in variants)
+    lines.append(f"| total | {totals} |")
+    return lines
+
+
+def plot(results: dict, path: Path) -> None:
+    """Forward ratios, generation, training time and memory, and the profile, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 3, figsize=(18, 9))
+
+    forward = results["forward"]
+    variants = list(forward[0]["seconds"])[1:]
+    width = 0.8 / len(variants)
+    for index, variant in enumerate(variants):
+        ratios = [cell["seconds"][variant]["median"] / cell["seconds"]["stock"]["median"] for cell in forward]
+        positions = [cell_index + index * width for cell_index in range(len(forward))]
+        axes[0, 0].bar(positions, ratios, width, label=variant)
+    axes[0, 0].axhline(1.0, color="black", linewidth=0.8)
+    axes[0, 0].set_xticks([i + 0.4 - width / 2 for i in range(len(forward))])
+    axes[0, 0].set_xticklabels([f"B{cell['batch']} T{cell['seq_len']}" for cell in forward], rotation=30)
+    axes[0, 0].set_title("forward latency / stock (median)")
+    axes[0, 0].legend(fontsize=7)
+
+    _bar_with_spread(axes[0, 1], results["generate"]["tokens_per_second"], 1.0, "generation tokens/s")
+    _bar_with_spread(axes[0, 2], results["train"]["seconds"], 1.0, "training step (s)")
+    memory = {variant: values["peak_bytes"] for variant, values in results["train"]["memory"].items()}
+    if None not in memory.values():
+        axes[1, 0].bar(list(memory), [value / 2**30 for value in memory.values()])
+    axes[1, 0].set_title("training peak memory (GiB)")
+    axes[1, 0].tick_params(axis="x", rotation=30)
+
+    profile = results["profile"]["seconds"]
+    bottoms = [0.0] * len(profile)
+    for label in PROFILE_CLASSES:
+        heights = [profile[variant][label] * 1e3 for variant in profile]
+        axes[1, 1].bar(list(profile), heights, bottom=bottoms, label=label)
+        bottoms = [bottom + height for bottom, height in zip(bottoms, heights)]
+    axes[1, 1].set_title(f"profile, one forward, T={results['profile']['seq_len']} (ms)")
+    axes[1, 1].tick_params(axis="x", rotation=30)
+    axes[1, 1].legend(fontsize=7)
+
+    targets = evaluate_targets(results)
+    names = [row["name"].replace(" / ", "\n/ ") for row in targets if row["ratio"] is not None]
+    ratios = [row["ratio"] for row in targets if row["ratio"] is not None]
+    colors = ["tab:green" if row["met"] else "tab:red" for row in targets if row["ratio"] is not None]
+    axes[1, 2].barh(names, ratios, color=colors)
+    axes[1, 2].axvline(1.0, color="black", linewidth=0.8)
+    axes[1, 2].tick_params(axis="y", labelsize=6)
+    axes[1, 2].set_title("target ratios (green: met)")
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _bar_with_spread(axis, summaries: dict, scale: float, title: str) -> None:
+    names = list(summaries)
+    medians = [summaries[name]["median"] * scale for name in names]
+    lower = [(summaries[name]["median"] - summaries[name]["min"]) * scale for name in names]
+    upper = [(summaries[name]["max"] - summaries[name]["median"]) * scale for name in names]
+    axis.bar(names, medians, yerr=[lower, upper], capsize=3)
+    axis.set_title(f"{title}, median, min-max")
+    axis.tick_params(axis="x", rotation=30)
+
+
+def describe_machine() -> str:
+    """CPU model and core count from /proc/cpuinfo where present, else what platform reports."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory = f", {pages / 2**30:.0f} GiB RAM"
+    except (ValueError, OSError):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs{memory}, {platform.system()} {platform.release()}"
+
+
+def write_outputs(results: dict, environment: dict, settings: dict, output_dir: Path) -> dict[str, Path]:
+    """Write BENCHMARKS.md, benchmark.json and benchmark.png into ``output_dir``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"page": output_dir / "BENCHMARKS.md", "json": output_dir / "benchmark.json", "plot": output_dir / "benchmark.png"}
+    payload = {"environment": environment, "settings": settings, "targets": evaluate_targets(results), "results": results}
+    paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
+    paths["page"].write_text(render_markdown(results, environment, settings))
+    plot(results, paths["plot"])
+    return paths
+
+
+def summary_lines(results: dict) -> list[str]:
+    """Format one line per target for the terminal."""
+    lines = []
+    for row in evaluate_targets(results):
+        if row["ratio"] is None:
+            lines.append(f"{row['name']}: not measured")
+        else:
+            lines.append(f"{row['name']}: {row['ratio']:.3f} (target {row['target']}, {'met' if row['met'] else 'NOT met'})")
+    return lines
+
