@@ -15,7 +15,7 @@ from importlib import import_module
 
 from .args import UsageError
 
-COMMANDS = ("prepare", "upcycle", "prepare_mmlu", "prepare_data", "train", "bench")
+COMMANDS = ("prepare", "upcycle", "prepare_mmlu", "prepare_data", "train", "eval", "bench")
 USAGE_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError, OSError)
 
 
