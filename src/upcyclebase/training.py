@@ -156,6 +156,10 @@ class MoHTrainer(Trainer):
             return (loss, outputs) if return_outputs else loss
 
         self.train_stats.update(routings)
+        if not loss.requires_grad:
+            # The identity shortcut bypasses every trainable weight: connect them with a zero
+            # factor, so backward runs and they get zero gradients (and DDP sees them used).
+            loss = loss + 0.0 * sum(param.sum() for param in model.parameters() if param.requires_grad)
         self._lm_loss_sum += loss.detach().float().item()
         self._micro_batches += 1
         if routings:

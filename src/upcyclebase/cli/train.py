@@ -132,7 +132,7 @@ def load_model(options: TrainArgs):
     return model, tokenizer, state
 
 
-def _load_data(options: TrainArgs, tokenizer, with_eval: bool = True):
+def load_data(options: TrainArgs, tokenizer, with_eval: bool = True):
     eval_split = None if options.eval_split.lower() == "none" or not with_eval else options.eval_split
     return load_blocks(
         tokenizer,
@@ -159,7 +159,7 @@ def sanity_loss(model, batch: torch.Tensor, device: str, autocast_dtype: torch.d
 def _run_sanity_once(options: TrainArgs) -> int:
     device, autocast_dtype = _precision(options)
     model, tokenizer, _ = load_model(options)
-    splits = _load_data(options, tokenizer, with_eval=False)
+    splits = load_data(options, tokenizer, with_eval=False)
     batch = splits.train.blocks[: options.batch_size]
     path = "identity shortcut" if options.identity_shortcut else f"routed, top_k={next(iter(moh_modules(model))).moh_top_k}"
     loss = sanity_loss(model, batch, device, autocast_dtype)
@@ -202,15 +202,14 @@ def build_trainer(options: TrainArgs, model, tokenizer, splits, state: dict):
         save_steps=options.save_steps,
         save_total_limit=options.save_total_limit,
         seed=options.seed,
-        gradient_checkpointing=options.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
+        activation_checkpointing=options.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
         report_to=[name.strip() for name in options.report_to.split(",")] if options.report_to != "none" else "none",
         use_cpu=device_type == "cpu",
         bf16=autocast_dtype == torch.bfloat16,
         fp16=autocast_dtype == torch.float16,
         ddp_backend="gloo" if device_type == "cpu" and world_size > 1 else None,
-        # With the identity shortcut the extras take no part in the forward pass
-        ddp_find_unused_parameters=options.identity_shortcut,
+        ddp_find_unused_parameters=False,
         dataloader_num_workers=options.num_workers,
         restore_callback_states_from_checkpoint=False,
     )
@@ -265,11 +264,14 @@ def run(args: argparse.Namespace) -> int:
     trainable, total = count_parameters(model)
     print(f"Parameters: {trainable:,} trainable (extra banks and routers) of {total:,} total ({100 * trainable / total:.2f}%)")
 
-    splits = _load_data(options, tokenizer)
+    splits = load_data(options, tokenizer)
     held_out = f"{len(splits.validation)} blocks from {splits.validation_source}" if splits.validation is not None else "none"
     print(f"Data: {len(splits.train)} train blocks of {options.seq_len} tokens; held-out: {held_out}")
 
     trainer = build_trainer(options, model, tokenizer, splits, state)
+    if trainer.args.world_size > 1 and trainer.is_world_process_zero():
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+        print(f"Data-parallel: {trainer.args.world_size} processes, backend {backend}")
     before = base_weight_digests(model)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
