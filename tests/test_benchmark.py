@@ -41,7 +41,8 @@ def test_bench_quick_writes_record(tmp_path, restore_threads):
 
     results = payload["results"]
     assert [cell["seq_len"] for cell in results["forward"]] == [32, 64]
-    assert len(results["forward"][0]["seconds"]["routed"]["values"]) == 2
+    assert len(results["forward"][0]["seconds"]["wall"]["routed"]["values"]) == 2
+    assert len(results["forward"][0]["seconds"]["cpu"]["routed"]["values"]) == 2
     assert results["train"]["memory"]["routed"]["peak_bytes"] > results["train"]["memory"]["routed"]["resident_bytes"]
     assert sum(results["profile"]["seconds"]["routed"].values()) > 0
 
