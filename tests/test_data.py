@@ -156,7 +156,7 @@ def test_pack_dataset_reads_cache_on_second_run(tmp_path, home, tokenizer):
     assert other_length.shape[1] == 32
 
 
-def test_load_blocks_holds_out_train_tail_without_eval_split(tmp_path, home, tokenizer):
+def test_load_blocks_holds_out_train_tail(tmp_path, home, tokenizer):
     (tmp_path / "all.txt").write_text("\n".join(corpus_texts(20)) + "\n")
     splits = load_blocks(tokenizer, str(tmp_path / "all.txt"), seq_len=16, validation_percentage=10)
     everything = load_blocks(tokenizer, str(tmp_path / "all.txt"), seq_len=16, eval_split=None)

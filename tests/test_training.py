@@ -130,7 +130,8 @@ def test_top_k_schedule_is_logged(tiny_setup, tiny_home, tmp_path):
     # Step s runs with the top_k set after s - 1 completed steps: 4 -> 1 linearly over 6 steps
     expected = {step: float(round(4 - 3 * min(step - 1, 6) / 6)) for step in range(1, 9)}
     assert logged == expected
-    assert expected[1] == 4.0 and expected[8] == 1.0
+    assert expected[1] == 4.0
+    assert expected[8] == 1.0
 
 
 def test_router_bias_anneals_to_zero(tiny_setup, tiny_home, tmp_path):

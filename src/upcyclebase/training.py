@@ -129,7 +129,8 @@ class MoHTrainer(Trainer):
         # The model then returns the mean loss of each micro-batch and the Trainer divides it by
         # the accumulation steps, so the auxiliary loss can be added on the same scale.
         self.model_accepts_loss_kwargs = False
-        self.train_stats = RoutingStats()
+        self.train_stats = RoutingStats()  # since the last log
+        self.run_stats = RoutingStats()  # the whole run, for the head-usage map without evaluation
         self.eval_stats = RoutingStats()
         self._moh_modules = list(moh_modules(self.model))
         self._reset_interval()
@@ -156,6 +157,7 @@ class MoHTrainer(Trainer):
             return (loss, outputs) if return_outputs else loss
 
         self.train_stats.update(routings)
+        self.run_stats.update(routings)
         if not loss.requires_grad:
             # The identity shortcut bypasses every trainable weight: connect them with a zero
             # factor, so backward runs and they get zero gradients (and DDP sees them used).

@@ -94,7 +94,7 @@ def _check_options(options: TrainArgs) -> None:
 
 
 def _precision(options: TrainArgs) -> tuple[str, torch.dtype | None]:
-    """The device and the autocast dtype (None: plain float32). Trainable weights stay float32 for AdamW."""
+    """Return the device and the autocast dtype (None: plain float32). Trainable weights stay float32 for AdamW."""
     device, dtype = resolve_device_dtype(options.device, options.dtype)
     if torch.device(device).type == "mps" and options.mps_fp32:
         dtype = torch.float32
@@ -149,7 +149,7 @@ def load_data(options: TrainArgs, tokenizer, with_eval: bool = True):
 
 @torch.no_grad()
 def sanity_loss(model, batch: torch.Tensor, device: str, autocast_dtype: torch.dtype | None) -> float:
-    """The raw Hugging Face loss of ``model`` on one batch of blocks (labels = input ids)."""
+    """Compute the raw Hugging Face loss of ``model`` on one batch of blocks (labels = input ids)."""
     model.to(device).eval()
     batch = batch.to(device)
     with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -171,7 +171,7 @@ def _run_sanity_once(options: TrainArgs) -> int:
 
 
 def build_trainer(options: TrainArgs, model, tokenizer, splits, state: dict):
-    """The MoHTrainer with the top_k schedule and router-bias annealing callbacks."""
+    """Build the MoHTrainer with the top_k schedule and router-bias annealing callbacks."""
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -214,10 +214,13 @@ def build_trainer(options: TrainArgs, model, tokenizer, splits, state: dict):
         restore_callback_states_from_checkpoint=False,
     )
 
-    num_heads = next(iter(moh_modules(model))).moh_num_heads // 2
-    top_k = options.top_k or num_heads
+    first_block = next(iter(moh_modules(model)))
+    top_k = options.top_k or first_block.moh_num_heads // 2
     top_k_final = options.top_k_final or top_k
+    first_block.check_top_k(top_k_final)  # fail now, not when the schedule reaches it
     decay_steps = options.top_k_decay_steps if options.top_k_decay_steps is not None else options.max_steps // 2
+    if decay_steps < 0:
+        raise UsageError(f"--top_k_decay_steps {decay_steps} is invalid; use 0 or a positive integer.")
     callbacks = [TopKScheduleCallback(top_k, top_k_final, decay_steps)]
     if options.router_bias_anneal_steps > 0:
         start_scale = float(state.get("router_bias_scale", 1.0))
@@ -307,11 +310,11 @@ def run(args: argparse.Namespace) -> int:
     (output / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2) + "\n")
 
     plot_loss_curves(trainer.state.log_history, output / "loss_curves.png")
-    usage = getattr(trainer, "last_eval_head_usage", None)
+    usage, title = getattr(trainer, "last_eval_head_usage", None), "Head usage (share of held-out tokens)"
     if usage is None:
-        usage = trainer.train_stats.head_usage()
+        usage, title = trainer.run_stats.head_usage(), "Head usage (share of training tokens)"
     if usage is not None:
-        plot_head_usage(usage, output / "head_usage.png", title="Head usage (share of held-out tokens)")
+        plot_head_usage(usage, output / "head_usage.png", title=title)
 
     if ppl_start is not None:
         print(f"Held-out perplexity ({held_out}): {ppl_start:.3f} at the start, {ppl_end:.3f} at the end")
