@@ -55,6 +55,7 @@ LONG_FORWARD_VARIANTS = ("stock", "routed", "routed_half", "lora")
 GENERATE_VARIANTS = ("stock", "routed", "routed_half", "lora")
 TRAIN_VARIANTS = ("routed", "lora")
 PROFILE_VARIANTS = ("stock", "routed", "routed_half", "routed_dense", "lora")
+DECODE_PROFILE_STEPS = 4
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # wall: elapsed time; cpu: CPU time of the whole process, which on a shared machine leaves out
 # the time other processes hold the cores
@@ -458,20 +459,24 @@ def classify_operator(name: str, shapes: list, config, lora_rank: int) -> str:
     return "attention projections"
 
 
-def profile_forward(models: BenchModels, settings: BenchSettings, device: str) -> dict:
-    """Self time of each operator class in one forward with the logits of every position."""
+def _profile_classes(
+    models: BenchModels, device: str, run: Callable[[nn.Module, Any], Any], prepare: Callable[[nn.Module], Any] = None
+) -> dict[str, dict[str, float]]:
+    """Seconds of self time per operator class of ``run(model, prepare(model))``, for each profiled variant.
+
+    ``prepare`` runs before the profiler starts, so its work is not counted.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    vocab = models.stock.config.vocab_size
-    ids = random_ids(1, settings.profile_seq, vocab, settings.seed + 3, device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
     on_device = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     breakdown = {}
     for variant in PROFILE_VARIANTS:
         model = models.activate(variant)
         with torch.inference_mode():
+            state = prepare(model) if prepare is not None else None
             with profile(activities=activities, record_shapes=True) as profiler:
-                model(input_ids=ids)
+                run(model, state)
         totals = dict.fromkeys(PROFILE_CLASSES, 0.0)
         for event in profiler.events():
             self_us = event.self_device_time_total if on_device else event.self_cpu_time_total
@@ -479,8 +484,36 @@ def profile_forward(models: BenchModels, settings: BenchSettings, device: str) -
                 label = classify_operator(event.name, event.input_shapes, models.stock.config, models.lora_rank)
                 totals[label] += self_us / 1e6
         breakdown[variant] = totals
-        logger.info("profile: %s %.2f s", variant, sum(totals.values()))
-    return {"batch": 1, "seq_len": settings.profile_seq, "seconds": breakdown,
+    return breakdown
+
+
+def profile_forward(models: BenchModels, settings: BenchSettings, device: str) -> dict:
+    """Self time of each operator class in one forward with the logits of every position, and in decoding.
+
+    The decoding profile covers ``DECODE_PROFILE_STEPS`` single-token steps after a prefill of
+    ``gen_prompt_len`` tokens, as in the generation measurement; the prefill is not profiled.
+    """
+    vocab = models.stock.config.vocab_size
+    ids = random_ids(1, settings.profile_seq, vocab, settings.seed + 3, device)
+    forward = _profile_classes(models, device, lambda model, _: model(input_ids=ids))
+    logger.info("profile: forward of %d tokens done", ids.shape[1])
+
+    prompt = random_ids(1, settings.gen_prompt_len, vocab, settings.seed + 1, device)
+
+    def prefill(model: nn.Module):
+        return model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+
+    def decode(model: nn.Module, output) -> None:
+        for _ in range(DECODE_PROFILE_STEPS):
+            token = output.logits[:, -1:].argmax(dim=-1)
+            output = model(input_ids=token, cache=output.past_key_values, use_cache=True)
+
+    decoding = _profile_classes(models, device, decode, prepare=prefill)
+    logger.info("profile: %d decoding steps done", DECODE_PROFILE_STEPS)
+
+    on_device = torch.device(device).type == "cuda"
+    return {"batch": 1, "seq_len": settings.profile_seq, "seconds": forward, "decode_seconds": decoding,
+            "decode_steps": DECODE_PROFILE_STEPS, "decode_prompt_len": prompt.shape[1],
             "clock": "device self time" if on_device else "CPU self time"}
 
 
