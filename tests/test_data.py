@@ -27,8 +27,14 @@ DOCUMENTS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer(corpus_texts(40))
+def texts():
+    """Real documents, read before any test points UPCYCLEBASE_HOME elsewhere."""
+    return corpus_texts(40)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(texts):
+    return build_tiny_tokenizer(texts)
 
 
 @pytest.fixture
@@ -131,8 +137,8 @@ class CountingTokenizer:
         return getattr(self._tokenizer, name)
 
 
-def test_pack_dataset_reads_cache_on_second_run(tmp_path, home, tokenizer):
-    (tmp_path / "train.txt").write_text("\n".join(corpus_texts(10)) + "\n")
+def test_pack_dataset_reads_cache_on_second_run(tmp_path, home, tokenizer, texts):
+    (tmp_path / "train.txt").write_text("\n".join(texts[:10]) + "\n")
     dataset = load_text_dataset(str(tmp_path / "train.txt"))
     counting = CountingTokenizer(tokenizer)
 
@@ -156,8 +162,8 @@ def test_pack_dataset_reads_cache_on_second_run(tmp_path, home, tokenizer):
     assert other_length.shape[1] == 32
 
 
-def test_load_blocks_holds_out_train_tail(tmp_path, home, tokenizer):
-    (tmp_path / "all.txt").write_text("\n".join(corpus_texts(20)) + "\n")
+def test_load_blocks_holds_out_train_tail(tmp_path, home, tokenizer, texts):
+    (tmp_path / "all.txt").write_text("\n".join(texts[:20]) + "\n")
     splits = load_blocks(tokenizer, str(tmp_path / "all.txt"), seq_len=16, validation_percentage=10)
     everything = load_blocks(tokenizer, str(tmp_path / "all.txt"), seq_len=16, eval_split=None)
     total = len(everything.train)
@@ -166,3 +172,9 @@ def test_load_blocks_holds_out_train_tail(tmp_path, home, tokenizer):
     assert len(splits.train) + len(splits.validation) == total
     np.testing.assert_array_equal(splits.validation.blocks.numpy(), everything.train.blocks[-(total // 10):].numpy())
     assert splits.validation_source == "last 10% of train"
+
+
+def test_hub_dataset_offline_names_corpus(home, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(OSError, match="--dataset corpus"):
+        load_text_dataset("wikitext", "wikitext-2-raw-v1")
