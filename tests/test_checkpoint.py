@@ -166,3 +166,33 @@ def test_overwrite_replaces_folder_whole(base_dir, tmp_path):
 def test_save_requires_upcycled_model(tmp_path):
     with pytest.raises(ValueError, match="not upcycled"):
         save_upcycled(make_tiny_gemma3(), tmp_path / "out")
+
+
+def test_failed_save_keeps_previous_folder(base_dir, tmp_path, tiny_ids, monkeypatch):
+    import errno
+
+    import upcyclebase.checkpoint as checkpoint
+
+    model = _upcycled_from(base_dir)
+    save_upcycled(model, tmp_path / "adapter", base_model=str(base_dir))
+    before = _logits(load_upcycled(tmp_path / "adapter"), tiny_ids)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_json", disk_full)
+    _perturb_extras(model, seed=7)
+    with pytest.raises(OSError, match="No space left on device.*previous contents are unchanged"):
+        save_upcycled(model, tmp_path / "adapter", base_model=str(base_dir), overwrite=True)
+
+    assert torch.equal(_logits(load_upcycled(tmp_path / "adapter"), tiny_ids), before)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".adapter")] == []
+
+
+def test_interrupted_replace_names_backup(base_dir, tmp_path):
+    save_upcycled(_upcycled_from(base_dir), tmp_path / "adapter", base_model=str(base_dir))
+    # a save killed between its two renames leaves only the renamed previous folder
+    (tmp_path / "adapter").rename(tmp_path / ".adapter.old-abc123")
+
+    with pytest.raises(FileNotFoundError, match=r"\.adapter\.old-abc123"):
+        load_upcycled(tmp_path / "adapter")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -91,11 +92,25 @@ def save_upcycled(
         if full_copy:
             base_state = {k: v for k, v in model.state_dict().items() if k not in extras}
             model.save_pretrained(staging, state_dict=base_state)
+        _fsync_tree(staging)
         _replace_folder(staging, output_dir)
+    except OSError as error:
+        kept = "the previous contents are unchanged" if output_dir.exists() else "nothing was written there"
+        raise OSError(
+            error.errno, f"Saving to {str(output_dir)!r} failed ({error.strerror or error}); {kept}. Free disk space or fix permissions and retry."
+        ) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("Saved %s upcycled model to %s", "full" if full_copy else "adapter of the", output_dir)
     return output_dir
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` to disk, so the rename never publishes unwritten data."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def _replace_folder(staging: Path, output_dir: Path) -> None:
@@ -112,6 +127,12 @@ def _replace_folder(staging: Path, output_dir: Path) -> None:
 def read_upcycled_config(folder: str | Path) -> dict[str, Any]:
     """Read and check ``upcycle_config.json`` of an upcycled folder."""
     folder = Path(folder)
+    backups = sorted(folder.parent.glob(f".{folder.name}.old-*")) if not folder.is_dir() else []
+    if backups:
+        raise FileNotFoundError(
+            f"Upcycled folder {str(folder)!r} not found, but an interrupted save left the previous version at "
+            f"{str(backups[-1])!r}; rename it to {folder.name!r} to use it."
+        )
     if not folder.is_dir():
         raise FileNotFoundError(f"Upcycled folder {str(folder)!r} not found; pass a folder written by save_upcycled.")
     for name in (CONFIG_NAME, ADAPTER_NAME):
