@@ -18,7 +18,15 @@ import torch
 from upcyclebase import save_upcycled, set_moh, upcycle
 from upcyclebase.checkpoint import load_upcycled
 from upcyclebase.cli import main
-from upcyclebase.evaluation import EvalPlan, Variant, build_task_list, evaluate_variants, question_scores, run_lm_eval
+from upcyclebase.evaluation import (
+    EvalPlan,
+    Variant,
+    build_task_list,
+    evaluate_variants,
+    normalise_limit,
+    question_scores,
+    run_lm_eval,
+)
 from upcyclebase.mmlu import packaged_mmlu_file, read_packaged_mmlu, write_cais_layout
 from upcyclebase.perplexity import compute_perplexity
 from upcyclebase.reports import CHART_NAME, CSV_NAME, JSON_NAME, SAMPLES_DIR, TABLE_NAME
@@ -229,3 +237,53 @@ def test_perplexity_matches_model_loss(tiny_model, max_length):
             count += window.shape[1] - 1
     assert result.tokens == count
     assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+@pytest.mark.integration
+def test_variants_with_init_and_separate_baseline(trained_folder, gemma270m_path):
+    from upcyclebase import extra_parameters, moh_modules
+    from upcyclebase.cli.eval import EvalArgs, build_variants
+
+    options = EvalArgs(model_id=gemma270m_path, upcycled=str(trained_folder), top_k="2,4", with_init=True,
+                       baseline="separate", device="cpu", dtype="float32")
+
+    variants, _, base_id = build_variants(options, [2, HEADS])
+
+    assert base_id == gemma270m_path
+    assert [(v.kind, v.top_k) for v in variants] == [("baseline", None), ("init", 2), ("init", HEADS), ("trained", 2), ("trained", HEADS)]
+    stock, fresh, trained = variants[0].model, variants[1].model, variants[3].model
+    assert len({id(stock), id(fresh), id(trained)}) == 3
+    assert list(moh_modules(stock)) == []
+    fresh_module, trained_module = next(moh_modules(fresh)), next(moh_modules(trained))
+    assert torch.equal(fresh_module.q_proj_extra.weight, fresh_module.q_proj.weight)
+    assert not torch.equal(trained_module.q_proj_extra.weight, trained_module.q_proj.weight)
+    assert set(extra_parameters(fresh)) == set(extra_parameters(trained))
+
+
+def test_table_lists_non_mmlu_tasks(tmp_path):
+    from upcyclebase.evaluation import VariantResult
+    from upcyclebase.reports import write_reports
+
+    def result(name, accuracy):
+        output = {"results": {"arc_easy": {"acc,none": accuracy, "acc_stderr,none": 0.1}}, "samples": {}}
+        return VariantResult(Variant(name, "init", model=None), output, seconds=8.0, questions=4)
+
+    paths = write_reports([result("baseline", 0.5), result("top_k=2", 0.25)], {"model_id": "m"}, tmp_path)
+
+    table = paths["table"].read_text()
+    assert "| baseline | 50.0 ± 10.0 | - | 2.000 |" in table
+    assert "| top_k=2 | 25.0 ± 10.0 | - | 2.000 |" in table
+    assert "## MMLU" not in table
+    assert "csv" not in paths
+
+
+@pytest.mark.parametrize("limit, expected", [(None, None), (5.0, 5), (0.25, 0.25)])
+def test_limit_normalised(limit, expected):
+    assert normalise_limit(limit) == expected
+    assert type(normalise_limit(limit)) is type(expected)
+
+
+@pytest.mark.parametrize("limit", [0, -3, 2.5])
+def test_invalid_limit_rejected(limit):
+    with pytest.raises(ValueError, match="--limit"):
+        normalise_limit(limit)

@@ -16,15 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .mmlu import SUBJECT_CATEGORIES, default_mmlu_dir, has_split, is_prepared, prepare_mmlu
-from .perplexity import PerplexityResult, compute_perplexity
+from .perplexity import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TOKENS, PerplexityResult, compute_perplexity
 from .upcycle import set_moh
 
 logger = logging.getLogger(__name__)
@@ -164,7 +163,6 @@ class VariantResult:
     seconds: float
     questions: int
     perplexity: PerplexityResult | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seconds_per_question(self) -> float:
@@ -184,8 +182,8 @@ class EvalPlan:
     num_fewshot: int = 0
     batch_size: int | str = 1
     perplexity_texts: list[str] | None = None
-    perplexity_max_length: int = 512
-    perplexity_max_tokens: int | None = None
+    perplexity_max_length: int = DEFAULT_MAX_LENGTH
+    perplexity_max_tokens: int | None = DEFAULT_MAX_TOKENS
     seed: int = 1234
 
 
@@ -193,9 +191,9 @@ def normalise_limit(limit: float | None) -> int | float | None:
     """lm-eval reads a limit below 1 as a fraction of each task and 1 or more as a count."""
     if limit is None:
         return None
-    if limit <= 0:
-        raise ValueError(f"--limit {limit} is invalid; use a count of questions per subject (e.g. 5) or a fraction below 1.")
-    return int(limit) if limit >= 1 and float(limit).is_integer() else limit
+    if limit <= 0 or (limit >= 1 and not float(limit).is_integer()):
+        raise ValueError(f"--limit {limit} is invalid; use a whole count of questions per subject (e.g. 5) or a fraction below 1.")
+    return int(limit) if limit >= 1 else limit
 
 
 def run_lm_eval(lm, plan: EvalPlan, task_manager=None) -> dict[str, Any]:
@@ -242,7 +240,6 @@ def evaluate_variants(
     variants: list[Variant],
     tokenizer,
     plan: EvalPlan,
-    on_result: Callable[[VariantResult], None] | None = None,
     task_manager=None,
 ) -> list[VariantResult]:
     """Evaluate each variant in turn with the same tasks, limit and seeds.
@@ -276,8 +273,6 @@ def evaluate_variants(
                     result.seconds_per_question,
                     f", perplexity {result.perplexity.perplexity:.3f}" if result.perplexity else "")
         results.append(result)
-        if on_result is not None:
-            on_result(result)
     return results
 
 

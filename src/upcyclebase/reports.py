@@ -216,13 +216,19 @@ def format_table(summaries: list[Summary], settings: dict[str, Any]) -> str:
     other = {name: task_metrics(summary.result.lm_eval) for name, summary in ((s.name, s) for s in summaries)}
     tasks = sorted({task for metrics in other.values() for task in metrics})
     if tasks:
-        lines += ["## Other tasks (acc, %)", "", "| variant | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+        # Without an MMLU table, perplexity and timing go here.
+        timing = [] if baseline.mmlu["all"] else ["perplexity", "s/question"]
+        header = ["variant", *tasks, *timing]
+        lines += ["## Other tasks (acc, %)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for summary in summaries:
-            cells = []
+            cells = [summary.name]
             for task in tasks:
                 value = other[summary.name].get(task)
                 cells.append("-" if value is None else _percent(Accuracy(0, value[0], value[1])))
-            lines.append(f"| {summary.name} | " + " | ".join(cells) + " |")
+            if timing:
+                perplexity = summary.result.perplexity
+                cells += [f"{perplexity.perplexity:.3f}" if perplexity else "-", f"{summary.result.seconds_per_question:.3f}"]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
