@@ -273,11 +273,10 @@ def test_upcycle_twice_rejected(tiny_model):
 
 
 def test_unsupported_model_rejected():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
-    with pytest.raises(ValueError, match="supported families: gemma3"):
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    with pytest.raises(ValueError, match=r"supported families: gemma3 \(Gemma3Attention\), .*llama"):
         upcycle(model)
 
 

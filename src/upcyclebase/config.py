@@ -14,6 +14,7 @@ from typing import Any
 
 ROUTER_INITS = ("original", "interleaved")
 GATE_MODES = ("hard", "renorm")
+KV_BANKS = ("shared", "separate")
 CONFIG_NAME = "upcycle_config.json"
 ADAPTER_NAME = "upcycle_adapter.safetensors"
 FORMAT_VERSION = 1
@@ -35,6 +36,10 @@ class UpcycleConfig:
         default="hard",
         metadata={"help": "'hard': selected gates are 1.0 with a straight-through gradient; 'renorm': top_k x softmax over the selected heads."},
     )
+    kv_bank: str = field(
+        default="shared",
+        metadata={"help": "'shared': extra heads read the original key/value heads; 'separate': they get their own k_proj_extra and v_proj_extra (copies at init), which doubles the KV cache of upcycled layers."},
+    )
     enabled: bool = field(default=True, metadata={"help": "Routing on; off runs the original attention."})
     identity_shortcut: bool = field(
         default=True,
@@ -50,6 +55,8 @@ class UpcycleConfig:
             raise ValueError(f"router_init={self.router_init!r} is invalid; use one of {ROUTER_INITS}.")
         if self.gate_mode not in GATE_MODES:
             raise ValueError(f"gate_mode={self.gate_mode!r} is invalid; use one of {GATE_MODES}.")
+        if self.kv_bank not in KV_BANKS:
+            raise ValueError(f"kv_bank={self.kv_bank!r} is invalid; use one of {KV_BANKS}.")
         if not isinstance(self.router_bias, (int, float)) or not self.router_bias > 0:
             raise ValueError(f"router_bias={self.router_bias!r} is invalid; use a positive number such as 1.0.")
         for name in ("enabled", "identity_shortcut"):

@@ -13,7 +13,9 @@ heads whatever top_k is. This path pays for top_k heads per token:
    selected in one group. The attention then runs on (B, N*K', T, D) queries as the
    stock model runs on (B, H, T, D), with K' in place of H / N query heads per
    key/value head. Keys, values, cache, mask (causal, sliding window, padding) and
-   attention kernel are the stock model's.
+   attention kernel are the stock model's. With a separate K/V bank there are M = 2N
+   groups of G heads each (extra head h+H reads key/value head N + h // G), and the
+   same layout runs on (B, 2N*K', T, D) queries against 2N key/value heads.
 3. Outputs. Each row's output is gated, goes through its own head's slice of ``o_proj``
    (or ``o_proj_extra``) and is summed into its token.
 
@@ -25,6 +27,7 @@ dropped: correct, but that attention work is wasted.
 Shape legend:
     B: batch, T: query tokens, S: key tokens (cache included), C: hidden size,
     H: original query heads, N: key/value heads, G = H / N, D: head dim, E = 2H,
+    M: key/value heads of the block (N, or 2N with a separate bank),
     R: selected (token, head) rows, K': query slots per key/value head.
 """
 
@@ -36,7 +39,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .router import route
 
@@ -51,19 +53,23 @@ class RowPlan:
     token: torch.Tensor  # (R,) flat token index b * T + t
     head: torch.Tensor  # (R,) head index in bank order
     counts: list[int]  # (E,) rows per head
-    slot: torch.Tensor  # (R,) row index into the (B * T * N * K') slot layout
+    slot: torch.Tensor  # (R,) row index into the (B * T * M * K') slot layout
     slots_per_group: int  # K'
     all_slots_filled: bool  # every slot gets a row, so the slot tensor needs no zero fill
     slots_in_row_order: bool  # slot == arange(R), so rows need no reordering
+    num_groups: int  # M, the key/value heads that the slots are grouped by
 
 
-def plan_rows(mask: torch.Tensor, num_kv_heads: int, top_k: int) -> RowPlan:
+def plan_rows(mask: torch.Tensor, num_kv_heads: int, top_k: int, kv_bank: str = "shared") -> RowPlan:
     """Lay out the selected heads of ``mask`` (B*T, E) as rows and attention slots.
 
-    On CUDA this synchronises with the host once or twice per call, because the per-head
-    row counts size the projections' matmuls.
+    ``num_kv_heads`` is N, the original key/value heads; with ``kv_bank="separate"`` the
+    slots are grouped by 2N key/value heads instead. On CUDA this synchronises with the
+    host once or twice per call, because the per-head row counts size the projections'
+    matmuls.
     """
-    if num_kv_heads == 1:
+    num_groups = num_kv_heads if kv_bank == "shared" else 2 * num_kv_heads
+    if num_groups == 1:
         return _plan_rows_one_group(mask, top_k)
     tokens, num_heads_both = mask.shape
     num_heads = num_heads_both // 2
@@ -74,10 +80,17 @@ def plan_rows(mask: torch.Tensor, num_kv_heads: int, top_k: int) -> RowPlan:
     head, token = mask.t().nonzero(as_tuple=True)
     counts = torch.bincount(head, minlength=num_heads_both).tolist()
 
-    # (E,) heads in group order: for each key/value group, its originals then its extras
-    group_order = torch.arange(num_heads_both, device=device).view(2, num_kv_heads, groups).transpose(0, 1).reshape(-1)
-    # (B*T, N, 2G) selections per group
-    by_group = mask[:, group_order].view(tokens, num_kv_heads, 2 * groups)
+    heads = torch.arange(num_heads_both, device=device)
+    if kv_bank == "shared":
+        # (E,) heads in group order: for each key/value group, its originals then its extras
+        group_order = heads.view(2, num_kv_heads, groups).transpose(0, 1).reshape(-1)
+        group_of_head = (heads % num_heads) // groups
+    else:
+        # Bank order is already group order: head e reads key/value head e // G of 2N
+        group_order = heads
+        group_of_head = heads // groups
+    # (B*T, M, E/M) selections per group
+    by_group = mask[:, group_order].view(tokens, num_groups, -1)
     slots_per_group = int(by_group.sum(dim=-1).max())
 
     # (B*T, E) rank of each selected head among its token's selections in the same group
@@ -85,10 +98,12 @@ def plan_rows(mask: torch.Tensor, num_kv_heads: int, top_k: int) -> RowPlan:
     rank = torch.empty_like(rank_by_group.view(tokens, -1))
     rank[:, group_order] = rank_by_group.view(tokens, -1)
 
-    group_of_head = (torch.arange(num_heads_both, device=device) % num_heads) // groups
-    slot = (token * num_kv_heads + group_of_head[head]) * slots_per_group + rank[token, head]
-    filled = slots_per_group * num_kv_heads == top_k and bool((by_group.sum(dim=-1) == slots_per_group).all())
-    return RowPlan(token, head, counts, slot, slots_per_group, all_slots_filled=filled, slots_in_row_order=False)
+    slot = (token * num_groups + group_of_head[head]) * slots_per_group + rank[token, head]
+    filled = slots_per_group * num_groups == top_k and bool((by_group.sum(dim=-1) == slots_per_group).all())
+    return RowPlan(
+        token, head, counts, slot, slots_per_group, all_slots_filled=filled, slots_in_row_order=False,
+        num_groups=num_groups,
+    )
 
 
 def _plan_rows_one_group(mask: torch.Tensor, top_k: int) -> RowPlan:
@@ -101,7 +116,9 @@ def _plan_rows_one_group(mask: torch.Tensor, top_k: int) -> RowPlan:
     else:
         slot = torch.arange(head.shape[0], device=mask.device)
     counts = torch.bincount(head, minlength=num_heads_both).tolist()
-    return RowPlan(token, head, counts, slot, top_k, all_slots_filled=True, slots_in_row_order=tokens == 1)
+    return RowPlan(
+        token, head, counts, slot, top_k, all_slots_filled=True, slots_in_row_order=tokens == 1, num_groups=1
+    )
 
 
 def _head_projection(module: nn.Module, head: int, bank_modules: tuple[str, str]) -> nn.Linear:
@@ -125,7 +142,7 @@ def _project_queries(module: nn.Module, hidden: torch.Tensor, plan: RowPlan) -> 
     rows = torch.cat(parts)  # (R, D)
     if plan.slots_in_row_order:
         return rows
-    slots = hidden.shape[0] * plan.slots_per_group * module.config.num_key_value_heads
+    slots = hidden.shape[0] * plan.slots_per_group * plan.num_groups
     empty = rows.new_empty if plan.all_slots_filled else rows.new_zeros
     return empty(slots, head_dim).index_copy(0, plan.slot, rows)
 
@@ -160,7 +177,7 @@ def selected_heads_forward(
 
     Returns the same output as the dense reference up to float rounding. Attention
     weights, where the attention function returns them, are in the slot layout
-    (B, N*K', T, S), not per head, so the attention module runs the dense reference
+    (B, M*K', T, S), not per head, so the attention module runs the dense reference
     when a caller requests ``output_attentions``.
     """
     from .attention import _GroupedQueries
@@ -174,32 +191,24 @@ def selected_heads_forward(
     routing = route(module.moh_router(hidden_states), module.moh_top_k, module.moh_gate_mode)
     if module.moh_record_routing:
         module.moh_last_routing = routing
-    plan = plan_rows(routing.mask.view(tokens, 2 * num_heads), num_kv_heads, module.moh_top_k)
-    slots = num_kv_heads * plan.slots_per_group
+    plan = plan_rows(routing.mask.view(tokens, 2 * num_heads), num_kv_heads, module.moh_top_k, module.moh_kv_bank)
+    slots = plan.num_groups * plan.slots_per_group
 
-    # (B, N*K', T, D) queries of the selected heads in their slots
+    # (B, M*K', T, D) queries of the selected heads in their slots
     queries = _project_queries(module, hidden_states.reshape(tokens, -1), plan)
     queries = queries.view(batch, length, slots, head_dim).transpose(1, 2)
 
-    # (B, N, T, D) keys and values, as in the stock model
-    keys = module.k_proj(hidden_states).view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
-    values = module.v_proj(hidden_states).view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+    # (B, M, T, D) keys and values; with a shared bank, the stock model's
+    keys, values = module.moh_keys_values(hidden_states)
 
     # Same norms and rotary embedding as the original heads; both act on each row alone
-    queries = module.q_norm(queries)
-    keys = module.k_norm(keys)
-    cos, sin = position_embeddings
-    queries, keys = module._family_module.apply_rotary_pos_emb(queries, keys, cos, sin)
+    queries, keys = module.moh_norm_and_rotate(queries, keys, position_embeddings)
 
-    # (B, N, S, D) with the cache, laid out exactly as the stock model's
-    if cache is not None:
-        keys, values = cache.update(keys, values, module.layer_idx, kwargs=kwargs)
+    # (B, M, S, D) with the cache; a shared bank's cache is laid out exactly as the stock model's
+    keys, values = module.moh_update_cache(keys, values, cache, kwargs)
 
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-        module.config._attn_implementation, module._family_module.eager_attention_forward
-    )
-    # (B, T, N*K', D): each key/value head serves its K' slots
-    attn_output, attn_weights = attention_interface(
+    # (B, T, M*K', D): each key/value head serves its K' slots
+    attn_output, attn_weights = module.moh_attention_interface()(
         _GroupedQueries(module, plan.slots_per_group),
         queries,
         keys,
@@ -207,7 +216,7 @@ def selected_heads_forward(
         attention_mask,
         dropout=module.attention_dropout if module.training else 0.0,
         scaling=module.scaling,
-        sliding_window=module.sliding_window,
+        **module.moh_attention_kwargs(),
         **kwargs,
     )
 

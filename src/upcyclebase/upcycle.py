@@ -13,20 +13,22 @@ from .families import find_attention_modules
 
 logger = logging.getLogger(__name__)
 
-EXTRA_MODULE_NAMES = ("q_proj_extra", "o_proj_extra", "moh_router")
+# k_proj_extra and v_proj_extra exist only with kv_bank="separate"
+EXTRA_MODULE_NAMES = ("q_proj_extra", "k_proj_extra", "v_proj_extra", "o_proj_extra", "moh_router")
 
 
 def upcycle(
     model: nn.Module, config: UpcycleConfig | None = None, *, freeze_base: bool = False, **settings
 ) -> nn.Module:
-    """Add a second bank of query heads and a top-k router to every attention block, in place.
+    """Add a second bank of heads and a top-k router to every attention block, in place.
 
     Right after this call the model computes exactly what it computed before: routing is
     enabled with the identity shortcut on and top_k = H, unless ``config`` or ``settings``
     (fields of :class:`UpcycleConfig`) say otherwise.
 
     Args:
-        model: a transformers model with Gemma-3 attention blocks.
+        model: a transformers model with attention blocks of a supported family (see
+            :mod:`upcyclebase.families`).
         config: upcycling settings; keyword ``settings`` override its fields.
         freeze_base: leave only the extra banks and routers trainable.
 
@@ -48,7 +50,10 @@ def upcycle(
         freeze_base_weights(model)
 
     blocks = len(list(moh_modules(model)))
-    logger.info("Upcycled %d attention blocks (router_init=%s, gate_mode=%s)", blocks, config.router_init, config.gate_mode)
+    logger.info(
+        "Upcycled %d attention blocks (router_init=%s, gate_mode=%s, kv_bank=%s)",
+        blocks, config.router_init, config.gate_mode, config.kv_bank,
+    )
     return model
 
 
@@ -93,6 +98,8 @@ def extra_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     for prefix, module in model.named_modules():
         if is_moh_attention(module):
             for child in EXTRA_MODULE_NAMES:
+                if not hasattr(module, child):
+                    continue
                 for name, param in getattr(module, child).named_parameters():
                     params[f"{prefix}.{child}.{name}"] = param
     return params
