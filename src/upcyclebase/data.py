@@ -141,6 +141,8 @@ def prepare_corpus(output_dir: str | Path | None = None, validation_fraction: fl
             "characters": {"train": sum(map(len, train)), "validation": sum(map(len, validation))},
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if (folder / "manifest.json").is_file() and not overwrite:
+            return folder  # another process (e.g. a second training rank) finished first
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)

@@ -369,6 +369,10 @@ class RoutingProgressCallback(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
+        if "eval_loss" in logs and self.prediction_bar is not None:
+            # Evaluation logs before its bar is closed; close it first so the line prints cleanly
+            self.prediction_bar.close()
+            self.prediction_bar = None
         line = format_log_line(state.global_step, logs)
         if line:
             (self.training_bar.write if self.training_bar is not None else print)(line)

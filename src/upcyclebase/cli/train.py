@@ -54,6 +54,7 @@ class TrainArgs:
     top_k_decay_steps: int | None = field(default=None, metadata={"help": "Steps over which top_k falls linearly to --top_k_final (default: half of --max_steps)."})
     router_init: str = field(default="interleaved", metadata={"help": "Heads the router selects at upcycling; ignored when continuing an upcycled folder.", "choices": ROUTER_INITS})
     gate_mode: str = field(default="hard", metadata={"help": "Gates of the selected heads; ignored when continuing an upcycled folder.", "choices": GATE_MODES})
+    router_bias: float = field(default=1.0, metadata={"help": "Router bias at upcycling: +bias for the selected heads, -bias for the others; larger keeps the initial selection longer. Ignored when continuing."})
     router_bias_anneal_steps: int = field(default=0, metadata={"help": "Steps over which the initial router bias is removed linearly (0: keep it)."})
     router_bias_final: float = field(default=0.0, metadata={"help": "Share of the initial router bias left after annealing."})
     aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balance loss (MoH uses 0.01); 0 turns it off."})
@@ -120,7 +121,7 @@ def load_model(options: TrainArgs):
         logger.info("Continuing training of the upcycled model in %s", folder)
     else:
         model, tokenizer = load_base_model(options.model_id, device="cpu", dtype=torch.float32)
-        upcycle(model, router_init=options.router_init, gate_mode=options.gate_mode)
+        upcycle(model, router_init=options.router_init, gate_mode=options.gate_mode, router_bias=options.router_bias)
         state = {}
 
     num_heads = next(iter(moh_modules(model))).moh_num_heads // 2
