@@ -17,6 +17,9 @@ the growth comes from ``torch.cuda.max_memory_allocated``. On CPU it is the grow
 process's peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``),
 with glibc told to map every allocation of 64 KiB or more on its own, so that freed
 tensors return to the system instead of hiding in the heap.
+
+NOTE: the CUDA branches (synchronised timing, allocator peak, device time in the profile)
+have not been run on a GPU.
 """
 
 from __future__ import annotations

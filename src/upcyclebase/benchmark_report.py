@@ -263,7 +263,7 @@ def render_markdown(results: dict, environment: dict, settings: dict) -> str:
 
 
 def _forward_variants(results: dict) -> list[str]:
-    """Every variant measured in some forward cell, in the order of ``VARIANTS``."""
+    """Return every variant measured in some forward cell, in the order of ``VARIANTS``."""
     found = {variant for cell in results["forward"] for variant in cell["seconds"]["wall"]}
     return [variant for variant in VARIANTS if variant in found]
 
