@@ -534,6 +534,8 @@ def run_benchmark(model_path: str, device: str, dtype: torch.dtype, settings: Be
             "id": getattr(models.stock, "name_or_path", model_path), "layers": config.num_hidden_layers,
             "hidden": config.hidden_size, "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
             "head_dim": config.head_dim, "vocab": vocab, "parameters": sum(p.numel() for p in models.stock.parameters()),
+            "intermediate": config.intermediate_size, "sliding_window": getattr(config, "sliding_window", None),
+            "layer_types": list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers),
         },
         "clock": settings.clock,
         "lora_rank": models.lora_rank,

@@ -124,6 +124,54 @@ def profile_gaps(
     return sorted((item for item in deltas if item[1] > 0), key=lambda item: -item[1])[:limit]
 
 
+def expected_macs(model: dict, variant: str, seq_len: int, lora_rank: int) -> float:
+    """Estimate the multiply-adds of a prefill forward (logits of the last position only) from the model's shapes.
+
+    Counts the matmuls only: projections, attention scores and values (causal, with the
+    sliding window on sliding layers), MLP, router, LoRA adapters and one row of the LM head.
+    """
+    hidden, heads, kv_heads, head_dim = model["hidden"], model["heads"], model["kv_heads"], model["head_dim"]
+    active = {"routed": heads, "routed_half": max(1, heads // 2), "routed_dense": 2 * heads}.get(variant, heads)
+    per_token = (
+        2 * active * head_dim * hidden  # q and o projections of the computed heads
+        + 2 * kv_heads * head_dim * hidden  # k and v
+        + 3 * hidden * model["intermediate"]  # gate, up and down projections
+    )
+    if variant.startswith("routed"):
+        per_token += hidden * 2 * heads
+    if variant == "lora":
+        per_token += lora_rank * (2 * (hidden + heads * head_dim) + 2 * (hidden + kv_heads * head_dim))
+
+    total = per_token * seq_len * model["layers"]
+    for layer_type in model["layer_types"]:
+        window = model["sliding_window"] if layer_type == "sliding_attention" and model["sliding_window"] else seq_len
+        keys = sum(min(position, window) for position in range(1, seq_len + 1))
+        total += 2 * active * head_dim * keys  # QK^T and attention x V
+    return total + model["vocab"] * hidden
+
+
+def _expected_lines(results: dict) -> list[str]:
+    cell = forward_cell(results)
+    model, rank = results["model"], results["lora_rank"]
+    stock = expected_macs(model, "stock", cell["seq_len"], rank)
+    lines = [
+        f"Multiply-adds of one prefill forward at batch 1, length {cell['seq_len']}, from the model's shapes (matmuls",
+        "only), against the measured ratio of medians on both clocks:",
+        "",
+        "| variant | multiply-adds (G) | expected ratio | measured, wall | measured, cpu |",
+        "|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        if variant not in cell["seconds"]["wall"]:
+            continue
+        macs = expected_macs(model, variant, cell["seq_len"], rank)
+        measured = " | ".join(
+            f"{cell['seconds'][clock][variant]['median'] / cell['seconds'][clock]['stock']['median']:.3f}" for clock in CLOCKS
+        )
+        lines.append(f"| {variant} | {macs / 1e9:.2f} | {macs / stock:.3f} | {measured} |")
+    return lines
+
+
 def _ms(summary: dict) -> str:
     return f"{summary['median'] * 1e3:.1f} ({summary['min'] * 1e3:.1f}-{summary['max'] * 1e3:.1f})"
 
@@ -224,6 +272,8 @@ def render_markdown(results: dict, environment: dict, settings: dict) -> str:
         f"Forward ratios use batch {forward_cell(results)['batch']}, length {forward_cell(results)['seq_len']}.",
         "",
         *_target_lines(results, targets),
+        "",
+        *_expected_lines(results),
         "",
         "### Gaps",
         "",
