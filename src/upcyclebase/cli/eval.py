@@ -26,7 +26,7 @@ BASELINES = ("shortcut", "separate")
 class EvalArgs:
     model_id: str | None = field(default=None, metadata={"help": (
         f"Base model: Hub id, local folder, or 'embedded' for the packaged Gemma-3 270M (default: {DEFAULT_MODEL_ID}; "
-        "with --upcycled, the base recorded in that folder).")})
+        "with --upcycled, the base recorded in that folder; a full-copy folder keeps its own base and this names the stock baseline).")})
     upcycled: str | None = field(default=None, metadata={"help": (
         "An upcycled folder (from upcycle or training) to evaluate; by default the base model is upcycled afresh.")})
     router_init: str = field(default="original", metadata={"help": "Router init of a fresh upcycle.", "choices": ROUTER_INITS})
@@ -110,7 +110,8 @@ def build_variants(options: EvalArgs, top_k: list[int] | None):
         record = read_upcycled_config(options.upcycled)
         full_copy = record["base_model"] == SELF_BASE
         base_id = options.model_id or record["source_model"]
-        model = load_upcycled(options.upcycled, options.model_id, device=options.device, dtype=options.dtype)
+        # A full copy brings its own (possibly trained) base; --model_id then names only the stock baseline.
+        model = load_upcycled(options.upcycled, None if full_copy else options.model_id, device=options.device, dtype=options.dtype)
         tokenizer_source = options.upcycled if (Path(options.upcycled) / "tokenizer_config.json").is_file() else resolve_model_path(base_id)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         values = top_k or [next(moh_modules(model)).moh_top_k]
