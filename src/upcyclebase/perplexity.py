@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 512
-DEFAULT_MAX_TOKENS = 8_192
+DEFAULT_MAX_TOKENS = 4_096
 
 
 def default_perplexity_file() -> Path:
