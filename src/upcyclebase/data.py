@@ -230,7 +230,7 @@ def _text_column(dataset, text_field: str, source: str):
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of the tokenizer's full definition, so a changed vocabulary never reuses a cache."""
+    """Hash the tokenizer's full definition, so a changed vocabulary never reuses a cache."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
     special = f"{tokenizer.bos_token_id}:{tokenizer.eos_token_id}"
@@ -326,10 +326,10 @@ def load_blocks(
 ) -> DataSplits:
     """Load, tokenize and pack the train split and a held-out split.
 
-    The held-out blocks come from ``eval_split`` when the source has it; otherwise the
-    last ``validation_percentage`` percent of the train blocks are held out (and removed
-    from training). ``eval_split`` None or ``validation_percentage`` 0 without that
-    split means no held-out set.
+    The held-out blocks come from ``eval_split`` when the source has it. Otherwise the
+    last ``validation_percentage`` percent of the train blocks are held out and removed
+    from training. With ``eval_split`` None, or ``validation_percentage`` 0 and no such
+    split, there is no held-out set.
     """
     train_text = load_text_dataset(dataset, dataset_config, split, text_field)
     if train_text is None:

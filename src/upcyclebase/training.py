@@ -160,7 +160,7 @@ class MoHTrainer(Trainer):
         self.run_stats.update(routings)
         if not loss.requires_grad:
             # The identity shortcut bypasses every trainable weight: connect them with a zero
-            # factor, so backward runs and they get zero gradients (and DDP sees them used).
+            # factor, so backward runs, they get zero gradients and DDP counts them as used.
             loss = loss + 0.0 * sum(param.sum() for param in model.parameters() if param.requires_grad)
         self._lm_loss_sum += loss.detach().float().item()
         self._micro_batches += 1
@@ -322,7 +322,7 @@ class TopKScheduleCallback(TrainerCallback):
 
 
 def initial_router_bias(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
-    """The bias each router got at upcycling (from the model's upcycle config), per upcycled block."""
+    """Recompute the bias each router got at upcycling (from the model's upcycle config), per upcycled block."""
     config = model.upcycle_config
     biases = {}
     for module in moh_modules(model):
@@ -333,7 +333,7 @@ def initial_router_bias(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
 
 
 def bias_scale(step: int, start: float, final: float, anneal_steps: int) -> float:
-    """The share of the initial router bias still present after ``step`` steps: linear from ``start`` to ``final``."""
+    """Return the share of the initial router bias left after ``step`` steps: linear from ``start`` to ``final``."""
     if anneal_steps <= 0:
         return start
     return start + (final - start) * min(step, anneal_steps) / anneal_steps
@@ -403,7 +403,7 @@ def format_log_line(step: int, logs: dict[str, float]) -> str:
 
 
 def base_weight_digests(model: nn.Module) -> dict[str, str]:
-    """A sha256 of the bytes of every parameter that upcycling did not add, by name."""
+    """Hash (sha256) the bytes of every parameter that upcycling did not add, by name."""
     extras = {id(param) for param in extra_parameters(model).values()}
     digests = {}
     for name, param in model.named_parameters(remove_duplicate=True):
