@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .embedded import EMBEDDED_ALIASES, EMBEDDED_MODEL_ID, prepare_embedded_model
+from .embedded import EMBEDDED_ALIASES, EMBEDDED_MODEL_ID, SMOLLM2_MODEL_ID, prepare_embedded_model, prepare_smollm2_model
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,11 @@ def resolve_device_dtype(device: str | None = None, dtype: str | torch.dtype | N
 
 
 def resolve_model_path(model_id: str) -> str:
-    """Map the embedded alias to its prepared folder; leave Hub ids and paths as they are."""
+    """Map the embedded aliases to their prepared folders; leave Hub ids and paths as they are."""
     if model_id in EMBEDDED_ALIASES:
         return str(prepare_embedded_model())
+    if model_id == SMOLLM2_MODEL_ID:
+        return str(prepare_smollm2_model())
     looks_like_path = model_id.startswith((".", "/", "~")) or Path(model_id).expanduser().exists()
     if looks_like_path and not Path(model_id).expanduser().is_dir():
         raise ModelNotFoundError(f"Model folder {model_id!r} not found; pass an existing folder or a Hub model id.")

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..checkpoint import load_upcycled, save_upcycled
-from ..config import GATE_MODES, ROUTER_INITS
+from ..config import GATE_MODES, KV_BANKS, ROUTER_INITS
 from ..models import DEFAULT_MODEL_ID, load_base_model
 from ..upcycle import reset_router, set_moh, upcycle
 from ..verify import TOLERANCE, Check, compare, encode_prompts, format_report, record
@@ -25,6 +25,7 @@ class UpcycleArgs:
     output_dir: str = field(default="./gemma3-1b-it-upcycled-heads", metadata={"help": "Folder to save the upcycled model to."})
     router_init: str = field(default="original", metadata={"help": "Heads the router selects at init.", "choices": ROUTER_INITS})
     gate_mode: str = field(default="hard", metadata={"help": "Gates of the selected heads.", "choices": GATE_MODES})
+    kv_bank: str = field(default="shared", metadata={"help": "'separate' gives the extra heads their own K/V projections (2x KV cache of routed layers).", "choices": KV_BANKS})
     full_copy: bool = field(default=False, metadata={"help": "Save the base weights too, so the folder loads on its own."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output folder."})
     skip_verify: bool = field(default=False, metadata={"help": "Save without the verification report."})
@@ -39,7 +40,7 @@ def _verify(model, tokenizer, options: UpcycleArgs) -> list[Check]:
     num_heads = model.config.get_text_config().num_attention_heads
     tolerance = TOLERANCE.get(next(model.parameters()).dtype, 1e-4)
 
-    upcycle(model, router_init=options.router_init, gate_mode=options.gate_mode)
+    upcycle(model, router_init=options.router_init, gate_mode=options.gate_mode, kv_bank=options.kv_bank)
     checks = [compare("identity shortcut (bitwise)", stock, record(model, prompts, desc="identity shortcut"), None)]
     for router_init in ROUTER_INITS:
         reset_router(model, router_init)
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_base_model(options.model_id, options.device, options.dtype)
     checks = [] if options.skip_verify else _verify(model, tokenizer, options)
     if options.skip_verify:
-        upcycle(model, router_init=options.router_init, gate_mode=options.gate_mode)
+        upcycle(model, router_init=options.router_init, gate_mode=options.gate_mode, kv_bank=options.kv_bank)
 
     save_upcycled(model, output, tokenizer, full_copy=options.full_copy, base_model=options.model_id,
                   overwrite=options.overwrite_output_dir)
