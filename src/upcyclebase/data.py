@@ -196,6 +196,9 @@ def load_text_dataset(dataset: str, dataset_config: str | None = None, split: st
         files = _files_for_split(_local_files(path), split)
         if not files:
             return None
+        empty = [str(f) for f in files if not f.read_bytes().strip()]
+        if empty:
+            raise ValueError(f"Data file {empty[0]!r} is empty; pass a file with text in it.")
         parts = []
         for builder in sorted({TEXT_SUFFIXES[f.suffix] for f in files}):
             data_files = [str(f) for f in files if TEXT_SUFFIXES[f.suffix] == builder]
@@ -222,6 +225,10 @@ def load_text_dataset(dataset: str, dataset_config: str | None = None, split: st
 def _text_column(dataset, text_field: str, source: str):
     if text_field not in dataset.column_names:
         raise ValueError(f"{source!r} has no field {text_field!r}; its fields are {dataset.column_names}. Pass --text_field.")
+    feature = dataset.features[text_field]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        kind = getattr(feature, "dtype", type(feature).__name__)
+        raise ValueError(f"Field {text_field!r} of {source!r} holds {kind}, not text; pass --text_field with a text field.")
     dataset = dataset.select_columns([text_field])
     return dataset.rename_column(text_field, "text") if text_field != "text" else dataset
 

@@ -23,6 +23,7 @@ from ..checkpoint import load_upcycled
 from ..config import GATE_MODES, ROUTER_INITS
 from ..data import CORPUS_ALIAS, load_blocks
 from ..models import DEFAULT_MODEL_ID, load_base_model, resolve_device_dtype
+from ..preflight import check_local_path, check_seq_len, check_top_k, read_model_shape
 from ..upcycle import freeze_base_weights, moh_modules, set_moh, upcycle
 from .args import UsageError, add_dataclass_arguments, dataclass_from_args
 
@@ -94,6 +95,17 @@ def _check_options(options: TrainArgs) -> None:
         )
 
 
+def _check_model_and_data(options: TrainArgs) -> None:
+    """Check flags that depend on the model's config and the dataset path, before loading either."""
+    if options.dataset != CORPUS_ALIAS:
+        check_local_path(options.dataset, "--dataset")
+    shape = read_model_shape(options.model_id)
+    for flag, value in (("--top_k", options.top_k), ("--top_k_final", options.top_k_final)):
+        if value is not None:
+            check_top_k(value, shape.num_heads, flag)
+    check_seq_len(options.seq_len, shape.max_positions)
+
+
 def _precision(options: TrainArgs) -> tuple[str, torch.dtype | None]:
     """Return the device and the autocast dtype (None: plain float32). Trainable weights stay float32 for AdamW."""
     device, dtype = resolve_device_dtype(options.device, options.dtype)
@@ -125,7 +137,7 @@ def load_model(options: TrainArgs):
         state = {}
 
     num_heads = next(iter(moh_modules(model))).moh_num_heads // 2
-    set_moh(model, enabled=True, identity_shortcut=options.identity_shortcut, top_k=options.top_k or num_heads)
+    set_moh(model, enabled=True, identity_shortcut=options.identity_shortcut, top_k=num_heads if options.top_k is None else options.top_k)
     freeze_base_weights(model)
     model.config.use_cache = False
     if tokenizer.pad_token is None:
@@ -216,8 +228,8 @@ def build_trainer(options: TrainArgs, model, tokenizer, splits, state: dict):
     )
 
     first_block = next(iter(moh_modules(model)))
-    top_k = options.top_k or first_block.moh_num_heads // 2
-    top_k_final = options.top_k_final or top_k
+    top_k = first_block.moh_num_heads // 2 if options.top_k is None else options.top_k
+    top_k_final = top_k if options.top_k_final is None else options.top_k_final
     first_block.check_top_k(top_k_final)  # fail now, not when the schedule reaches it
     decay_steps = options.top_k_decay_steps if options.top_k_decay_steps is not None else options.max_steps // 2
     if decay_steps < 0:
@@ -259,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = dataclass_from_args(TrainArgs, args)
     _check_options(options)
+    _check_model_and_data(options)
     if options.sanity_once:
         return _run_sanity_once(options)
 
