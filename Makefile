@@ -6,7 +6,7 @@ OUT ?= outputs
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup prepare prepare-data demo train-demo test clean
+.PHONY: setup prepare prepare-data prepare-mmlu demo train-demo eval-demo test clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ prepare: setup
 prepare-data: setup
 	$(BIN)/upcyclebase prepare-data
 
+prepare-mmlu: setup
+	$(BIN)/upcyclebase prepare-mmlu
+
 demo: prepare
 	$(BIN)/python upcycle_heads.py --model_id embedded --output_dir $(OUT)/gemma3-270m-upcycled-heads --overwrite_output_dir
 
@@ -34,6 +37,10 @@ train-demo: prepare prepare-data
 		--dataset corpus --seq_len 256 --batch_size 1 --grad_accum 1 --lr 5e-5 \
 		--aux_loss_coef 0 --max_steps 20 --logging_steps 5 --eval_steps 20 \
 		--max_eval_samples 8 --save_steps 20 --report_to tensorboard --overwrite_output_dir
+
+# Five questions per MMLU subject: stock model against a fresh upcycle
+eval-demo: prepare prepare-mmlu
+	$(BIN)/python eval_mmlu.py --model_id embedded --limit 5 --output_dir $(OUT)/eval-demo
 
 test: prepare prepare-data
 	$(BIN)/python -m pytest
