@@ -100,8 +100,12 @@ def test_cached_routed_generation_matches_uncached(smollm2, prompts):
     # One uncached forward over the generated sequence gives every step's logits at once
     uncached = _logits(smollm2, [cached.sequences])[0][0, prompt.shape[1] - 1 : -1]
 
-    torch.testing.assert_close(torch.cat(cached.logits), uncached, rtol=0, atol=1e-4)
-    # so greedy generation without a cache picks the same tokens
+    # Logits reach about 30. At the first step, which reads no cache, the prompt's prefill and
+    # the longer forward already differ by up to 3e-4 through float rounding (5e-5 in the stock model).
+    torch.testing.assert_close(torch.cat(cached.logits), uncached, rtol=0, atol=1e-3)
+    # Greedy generation without a cache picks the same tokens. The returned logits are raw,
+    # so the end-of-sequence token that min_new_tokens rules out is masked here too.
+    uncached[:, smollm2.generation_config.eos_token_id] = float("-inf")
     assert torch.equal(uncached.argmax(dim=-1), cached.sequences[0, prompt.shape[1] :])
 
 

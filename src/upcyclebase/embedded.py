@@ -38,7 +38,7 @@ def embedded_model_dir() -> Path:
 
 
 def smollm2_model_dir() -> Path:
-    """Where the converted SmolLM2-135M-Instruct lives: $UPCYCLEBASE_HOME/smollm2-135m, else under ~/.cache/upcyclebase."""
+    """Return the folder of the converted SmolLM2-135M-Instruct: $UPCYCLEBASE_HOME/smollm2-135m, else under ~/.cache/upcyclebase."""
     return _cache_home() / "smollm2-135m"
 
 
