@@ -34,6 +34,10 @@ def inputs(tmp_path_factory):
     (root / "busy").mkdir()
     (root / "busy" / "keep.txt").write_text("mine")
 
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32).save_pretrained(root / "gpt2")
+
     tiny = make_tiny_gemma3()
     upcycle(tiny)
     save_upcycled(tiny, root / "other_base", base_model="embedded")  # shapes of a tiny model, not Gemma-3 270M
@@ -56,6 +60,8 @@ CASES = [
     ("upcycle --model_id {root}/absent --output_dir {root}/o1", "absent"),
     ("upcycle --model_id nobody/not-a-model --output_dir {root}/o2", "embedded"),
     ("upcycle --model_id embedded --output_dir {root}/busy", "--overwrite_output_dir"),
+    ("upcycle --model_id {root}/gpt2 --output_dir {root}/o5", "gpt2"),
+    ("train --model_id {root}/gpt2 --output_dir {root}/t15", "supported families"),
     ("upcycle --model_id embedded --dtype float8 --output_dir {root}/o3", "float8"),
     ("upcycle --model_id embedded --router_init random --output_dir {root}/o4", "random"),
     ("train --model_id embedded --top_k 0 --output_dir {root}/t1", "top_k"),

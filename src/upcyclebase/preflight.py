@@ -12,7 +12,12 @@ from pathlib import Path
 
 from .checkpoint import SELF_BASE, read_upcycled_config
 from .config import CONFIG_NAME
+from .families import supported_families_text
 from .models import ModelNotFoundError, _hub_error, resolve_model_path
+
+
+# model_type of the text config of every family in families.FAMILIES
+SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma2", "llama", "qwen2", "qwen3", "mistral")
 
 
 @dataclass
@@ -40,6 +45,11 @@ def read_model_shape(model_id: str) -> ModelShape:
     except OSError as error:
         raise _hub_error(model_id, error) from error
     text = config.get_text_config()
+    if text.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"Model {model_id!r} has model_type {text.model_type!r}, which cannot be upcycled; "
+            f"supported families: {supported_families_text()}."
+        )
     return ModelShape(text.num_attention_heads, getattr(text, "max_position_embeddings", None))
 
 

@@ -6,12 +6,14 @@ import argparse
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..checkpoint import load_upcycled, save_upcycled
 from ..config import GATE_MODES, KV_BANKS, ROUTER_INITS
-from ..models import DEFAULT_MODEL_ID, load_base_model
+from ..models import DEFAULT_MODEL_ID, load_base_model, resolve_device_dtype
+from ..preflight import read_model_shape
 from ..upcycle import reset_router, set_moh, upcycle
 from ..verify import TOLERANCE, Check, compare, encode_prompts, format_report, record
 from .args import UsageError, add_dataclass_arguments, dataclass_from_args
@@ -75,11 +77,12 @@ def _check_reload(model, tokenizer, options: UpcycleArgs) -> list[Check]:
 
 def run(args: argparse.Namespace) -> int:
     options = dataclass_from_args(UpcycleArgs, args)
-    from pathlib import Path
-
     output = Path(options.output_dir)
     if output.exists() and any(output.iterdir()) and not options.overwrite_output_dir:
         raise UsageError(f"--output_dir {options.output_dir!r} exists and is not empty; choose another folder or pass --overwrite_output_dir.")
+    # Checks that read configs only, before the weights load
+    resolve_device_dtype(options.device, options.dtype)
+    read_model_shape(options.model_id)
 
     model, tokenizer = load_base_model(options.model_id, options.device, options.dtype)
     checks = [] if options.skip_verify else _verify(model, tokenizer, options)
