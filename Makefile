@@ -6,7 +6,7 @@ OUT ?= outputs
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup prepare prepare-data prepare-mmlu demo train-demo eval-demo test clean
+.PHONY: setup prepare prepare-data prepare-mmlu demo train-demo eval-demo bench test clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ train-demo: prepare prepare-data
 # Five questions per MMLU subject: stock model against a fresh upcycle
 eval-demo: prepare prepare-mmlu
 	$(BIN)/python eval_mmlu.py --model_id embedded --limit 5 --output_dir $(OUT)/eval-demo
+
+# Stock, identity, routed and LoRA side by side; writes benchmarks/BENCHMARKS.md
+bench: prepare
+	$(BIN)/upcyclebase bench --threads 1 --clock cpu
 
 test: prepare prepare-data
 	$(BIN)/python -m pytest
