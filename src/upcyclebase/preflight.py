@@ -13,7 +13,7 @@ from pathlib import Path
 from .checkpoint import SELF_BASE, read_upcycled_config
 from .config import CONFIG_NAME
 from .families import supported_families_text
-from .models import ModelNotFoundError, _hub_error, resolve_model_path
+from .models import _hub_error, resolve_model_path
 
 
 # model_type of the text config of every family in families.FAMILIES
@@ -22,7 +22,7 @@ SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma2", "llama", "qwen2", "qwen3", "mi
 
 @dataclass
 class ModelShape:
-    """What input checks need to know about a model, read from its config only."""
+    """Head count and context length of a model, read from its config only."""
 
     num_heads: int
     max_positions: int | None
@@ -79,5 +79,3 @@ def check_local_path(value: str, flag: str) -> None:
     if looks_like_path and not Path(value).expanduser().exists():
         raise FileNotFoundError(f"{flag} {value!r} not found; pass an existing file or folder.")
 
-
-__all__ = ["ModelNotFoundError", "ModelShape", "check_local_path", "check_seq_len", "check_top_k", "read_model_shape"]
