@@ -198,6 +198,20 @@ class MoHAttentionMixin:
         """Keyword arguments the stock forward passes to the attention function beyond dropout and scaling."""
         return self._moh_family.attention_kwargs(self)
 
+    def moh_attend(self, view: Any, queries, keys, values, attention_mask, kwargs: dict[str, Any]):
+        """Call the configured attention function as the stock forward does, with ``view`` as the module."""
+        return self.moh_attention_interface()(
+            view,
+            queries,
+            keys,
+            values,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **self.moh_attention_kwargs(),
+            **kwargs,
+        )
+
     def _original_heads_forward(
         self,
         hidden_states: torch.Tensor,
@@ -227,17 +241,7 @@ class MoHAttentionMixin:
         keys, values = keys[:, :num_kv_heads], values[:, :num_kv_heads]
 
         # (B, T, H, D) -> (B, T, C)
-        attn_output, attn_weights = self.moh_attention_interface()(
-            self,
-            queries,
-            keys,
-            values,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **self.moh_attention_kwargs(),
-            **kwargs,
-        )
+        attn_output, attn_weights = self.moh_attend(self, queries, keys, values, attention_mask, kwargs)
         return self.o_proj(attn_output.reshape(batch, length, -1)), attn_weights
 
     def _routed_forward(
@@ -294,17 +298,8 @@ class MoHAttentionMixin:
             queries = queries.reshape(batch, 2 * num_heads, length, head_dim)
 
         # (B, T, E, D) per-head outputs
-        attn_output, attn_weights = self.moh_attention_interface()(
-            _GroupedQueries(self, 2 * groups if self.moh_kv_bank == "shared" else groups),
-            queries,
-            keys,
-            values,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **self.moh_attention_kwargs(),
-            **kwargs,
-        )
+        view = _GroupedQueries(self, 2 * groups if self.moh_kv_bank == "shared" else groups)
+        attn_output, attn_weights = self.moh_attend(view, queries, keys, values, attention_mask, kwargs)
 
         # (B, T, E, D) back in bank order: originals 0..H-1, extras H..2H-1
         if regroup:
@@ -345,7 +340,7 @@ _MOH_CLASSES: dict[type, type] = {}
 
 
 def moh_class(attention_cls: type) -> type:
-    """The upcycled subclass of a transformers attention class, made once and registered here."""
+    """Return the upcycled subclass of a transformers attention class, made once and registered here."""
     if attention_cls not in _MOH_CLASSES:
         family = family_of_class(attention_cls)
         if family is None:

@@ -208,17 +208,8 @@ def selected_heads_forward(
     keys, values = module.moh_update_cache(keys, values, cache, kwargs)
 
     # (B, T, M*K', D): each key/value head serves its K' slots
-    attn_output, attn_weights = module.moh_attention_interface()(
-        _GroupedQueries(module, plan.slots_per_group),
-        queries,
-        keys,
-        values,
-        attention_mask,
-        dropout=module.attention_dropout if module.training else 0.0,
-        scaling=module.scaling,
-        **module.moh_attention_kwargs(),
-        **kwargs,
-    )
+    view = _GroupedQueries(module, plan.slots_per_group)
+    attn_output, attn_weights = module.moh_attend(view, queries, keys, values, attention_mask, kwargs)
 
     # (R, D) outputs of the selected rows, gated
     rows = attn_output.reshape(tokens * slots, head_dim)
