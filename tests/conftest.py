@@ -53,6 +53,15 @@ def make_tiny_gemma3(seed: int = 0, **config_overrides):
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run tiny models on one thread: their matmuls are too small to gain from more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_model():
     return make_tiny_gemma3()

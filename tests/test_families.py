@@ -27,12 +27,8 @@ MAX_TOKEN_ID = 120
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run the tiny models on one thread: their matmuls are too small to gain from more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_models_on_one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_config(config_cls, attn_implementation: str = "sdpa", **overrides):

@@ -20,12 +20,8 @@ NUM_HEADS = 4  # query heads of the tiny model, so top_k runs 1..8
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run the tiny models on one thread: their matmuls are too small to gain from more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_models_on_one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def make_routed_model(num_kv_heads=1, seed=0, attn_implementation="sdpa", **settings):

@@ -30,12 +30,8 @@ EXTRA_PROJECTIONS = ("q_proj_extra", "k_proj_extra", "v_proj_extra", "o_proj_ext
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run the tiny models on one thread: their matmuls are too small to gain from more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_models_on_one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def _ids(batch=2, length=20, seed=1):
