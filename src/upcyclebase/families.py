@@ -53,7 +53,7 @@ def _sliding_window_and_softcap(module: nn.Module) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class AttentionFamily:
-    """What routed attention needs to know about one family's attention block."""
+    """Description of one family's attention block, as routed attention needs it."""
 
     name: str
     module: str  # the transformers modeling module that defines the class and its functions

@@ -24,7 +24,7 @@ def upcycle(
 
     Right after this call the model computes exactly what it computed before: routing is
     enabled with the identity shortcut on and top_k = H, unless ``config`` or ``settings``
-    (fields of :class:`UpcycleConfig`) say otherwise.
+    (fields of :class:`UpcycleConfig`) set otherwise.
 
     Args:
         model: a transformers model with attention blocks of a supported family (see

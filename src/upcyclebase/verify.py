@@ -60,7 +60,7 @@ def record(model: nn.Module, prompts: list[torch.Tensor], generate: bool = True,
 
 
 def compare(name: str, expected: Reference, found: Reference, tolerance: float | None, note: str = "") -> Check:
-    """``tolerance`` None asks for bitwise equality; a number bounds the largest logit difference."""
+    """Compare two references: ``tolerance`` None requires bitwise equality, a number bounds the max logit difference."""
     max_diff = max((a - b).abs().max().item() for a, b in zip(expected.logits, found.logits))
     if tolerance is None:
         passed = all(torch.equal(a, b) for a, b in zip(expected.logits, found.logits))
