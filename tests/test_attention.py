@@ -62,17 +62,21 @@ def test_upcycle_defaults(tiny_model):
 @pytest.mark.parametrize("num_kv_heads", [1, 2])
 @pytest.mark.parametrize("router_init", ["original", "interleaved"])
 @pytest.mark.parametrize("gate_mode", ["hard", "renorm"])
-def test_routed_at_init_matches_stock(num_kv_heads, router_init, gate_mode, tiny_ids):
-    model = make_tiny_gemma3(num_kv_heads=num_kv_heads)
+@pytest.mark.parametrize("kv_bank", ["shared", "separate"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_routed_at_init_matches_stock_bitwise(num_kv_heads, router_init, gate_mode, kv_bank, attn_implementation, tiny_ids):
+    model = make_tiny_gemma3(num_kv_heads=num_kv_heads, attn_implementation=attn_implementation)
     with torch.no_grad():
         stock = model(tiny_ids).logits
+    stock_tokens = model.generate(tiny_ids[:1], max_new_tokens=12, do_sample=False)
 
-    upcycle(model, router_init=router_init, gate_mode=gate_mode)
+    upcycle(model, router_init=router_init, gate_mode=gate_mode, kv_bank=kv_bank)
     set_moh(model, identity_shortcut=False, top_k=NUM_HEADS)
     with torch.no_grad():
         found = model(tiny_ids).logits
 
-    torch.testing.assert_close(found, stock, rtol=0, atol=1e-5)
+    assert torch.equal(found, stock), (found - stock).abs().max()
+    assert torch.equal(model.generate(tiny_ids[:1], max_new_tokens=12, do_sample=False), stock_tokens)
 
 
 def test_interleaved_init_selects_extras(tiny_model, tiny_ids):

@@ -88,6 +88,8 @@ CASES = [
     ("eval --upcycled {root}/wrong_types --output_dir {root}/e7", "four"),
     ("eval --upcycled {root}/other_base --output_dir {root}/e8", "was made for a base model"),
     ("eval --model_id embedded --mmlu_dir {root}/absent_mmlu --output_dir {root}/e9", "absent_mmlu"),
+    ("eval --model_id embedded --router_init original,random --output_dir {root}/e10", "random"),
+    ("eval --model_id embedded --output_dir {root}/empty.txt", "is a file"),
 ]
 
 
@@ -111,6 +113,8 @@ def test_bad_input_rejected(command, fragment, inputs, capsys, monkeypatch):
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(lines) == 1, err
+    output_dir = Path(command.split("--output_dir ")[1].split()[0].format(root=inputs))
+    assert output_dir.name in ("busy", "empty.txt") or not output_dir.exists(), f"{output_dir} was created"
 
 
 def test_busy_output_left_alone(inputs):

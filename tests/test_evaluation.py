@@ -35,7 +35,7 @@ SUBJECTS = ("world_religions", "virology")
 TASKS = [f"mmlu_{subject}" for subject in SUBJECTS]
 LIMIT = 2
 HEADS = 4  # query heads of Gemma-3 270M
-LOGLIK_TOLERANCE = 1e-4  # float32; the routed path sums the same heads in another order
+LOGLIK_TOLERANCE = 1e-4  # float32; for a routed model scored here by one forward, against lm-eval's batch
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def _assert_same_scores(found, expected):
     for key, score in expected.items():
         assert found[key].prediction == score.prediction, key
         assert found[key].correct == score.correct, key
-        assert found[key].loglikelihoods == pytest.approx(score.loglikelihoods, abs=LOGLIK_TOLERANCE, rel=0), key
+        assert found[key].loglikelihoods == score.loglikelihoods, key  # bitwise: same answers is not enough
 
 
 @pytest.fixture(scope="module")

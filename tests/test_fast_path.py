@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_VOCAB, make_tiny_gemma3
 from upcyclebase import moh_modules, set_moh, upcycle
 from upcyclebase.config import GATE_MODES, ROUTER_INITS
-from upcyclebase.selected_heads import plan_rows
+from upcyclebase.selected_heads import plan_rows, uniform_selection
 
 TOLERANCE = 1e-5
 NUM_HEADS = 4  # query heads of the tiny model, so top_k runs 1..8
@@ -178,6 +178,74 @@ def test_gradients_match_dense(num_kv_heads, gate_mode, top_k):
     assert any(fast[name].abs().max() > 0 for name in extra_names if "moh_router" in name)
     for name in fast:
         torch.testing.assert_close(fast[name], dense[name], atol=TOLERANCE, rtol=1e-4, msg=lambda text: f"{name}: {text}")
+
+
+def make_uniform_model(num_kv_heads, seed, **settings):
+    """A routed model whose router ignores the token: a zero weight and a random bias, so every token picks the same heads."""
+    model = make_routed_model(num_kv_heads, seed=seed, **settings)
+    generator = torch.Generator().manual_seed(seed + 200)
+    with torch.no_grad():
+        for module in moh_modules(model):
+            module.moh_router.weight.zero_()
+            module.moh_router.bias.copy_(torch.randn(2 * NUM_HEADS, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+@pytest.mark.parametrize("kv_bank", ["shared", "separate"])
+@pytest.mark.parametrize("gate_mode", GATE_MODES)
+def test_uniform_selection_matches_dense_every_top_k(num_kv_heads, kv_bank, gate_mode):
+    ids = random_ids(2, 20)
+    for seed in range(3):  # three different head sets per top_k
+        model = make_uniform_model(num_kv_heads, seed, kv_bank=kv_bank, gate_mode=gate_mode)
+        for top_k in range(1, 2 * NUM_HEADS + 1):
+            set_moh(model, top_k=top_k)
+            with torch.no_grad():
+                fast, dense = both_paths(model, lambda m: m(ids).logits)
+            torch.testing.assert_close(
+                fast, dense, atol=TOLERANCE, rtol=0, msg=lambda text: f"seed={seed} top_k={top_k}: {text}"
+            )
+
+
+@pytest.mark.parametrize("kv_bank", ["shared", "separate"])
+def test_uniform_selection_gradients_match_dense(kv_bank):
+    model = make_uniform_model(2, seed=0, kv_bank=kv_bank, gate_mode="renorm")
+    set_moh(model, top_k=5)
+    model.train()
+    ids = random_ids(2, 20)
+
+    def gradients(m):
+        m.zero_grad(set_to_none=True)
+        m(ids).logits.square().mean().backward()
+        return {name: param.grad.clone() for name, param in m.named_parameters() if param.grad is not None}
+
+    fast, dense = both_paths(model, gradients)
+
+    assert fast.keys() == dense.keys()
+    for name in fast:
+        torch.testing.assert_close(fast[name], dense[name], atol=TOLERANCE, rtol=1e-4, msg=lambda text: f"{name}: {text}")
+
+
+def test_uniform_selection_orders_heads():
+    # 4 query heads over 2 key/value heads: originals 0, 1 and extras 4, 5 read key/value head 0
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[:, [1, 4, 7, 3]] = True
+    selection = uniform_selection(mask, num_kv_heads=2)
+    assert selection.output_order == [4, 1, 3, 7]
+    assert selection.attention_order == [4, 1, 3, 7]
+    assert selection.slots_per_group == 2 and selection.kv_heads is None
+
+    # A separate bank reads key/value heads 0, 1 (originals) and 2, 3 (extras)
+    selection = uniform_selection(mask, num_kv_heads=2, kv_bank="separate")
+    assert selection.attention_order == [1, 3, 4, 7]
+    assert selection.slots_per_group == 1 and selection.kv_heads is None
+
+    # Unequal heads per key/value head, or tokens that differ, go to the row path
+    mask[:, 3] = False
+    assert uniform_selection(mask, num_kv_heads=2) is None
+    mask[:, 3] = True
+    mask[2, 1], mask[2, 0] = False, True
+    assert uniform_selection(mask, num_kv_heads=2) is None
 
 
 def test_plan_rows_slots_unique_and_in_range():

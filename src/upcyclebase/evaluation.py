@@ -24,7 +24,7 @@ from torch import nn
 
 from .mmlu import SUBJECT_CATEGORIES, default_mmlu_dir, has_split, is_prepared, prepare_mmlu
 from .perplexity import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TOKENS, PerplexityResult, compute_perplexity
-from .upcycle import set_moh
+from .upcycle import reset_router, set_moh
 
 logger = logging.getLogger(__name__)
 
@@ -139,18 +139,21 @@ class Variant:
     top_k: int | None = None  # None: routing off or the identity shortcut
     identity_shortcut: bool = False
     source: str = ""
+    router_init: str | None = None  # a fresh upcycle's routers are reset to this before evaluation
 
     def activate(self) -> None:
         """Put the model in this variant's routing state (a stock model has none)."""
         if not hasattr(self.model, "upcycle_config"):
             return
+        if self.router_init is not None:
+            reset_router(self.model, self.router_init)
         if self.identity_shortcut:
             set_moh(self.model, enabled=True, identity_shortcut=True)
         else:
             set_moh(self.model, enabled=True, identity_shortcut=False, top_k=self.top_k)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "top_k": self.top_k,
+        return {"name": self.name, "kind": self.kind, "top_k": self.top_k, "router_init": self.router_init,
                 "identity_shortcut": self.identity_shortcut, "source": self.source}
 
 

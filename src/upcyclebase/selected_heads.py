@@ -24,6 +24,14 @@ rows, so K' = top_k and no slot is wasted. With several key/value heads, a token
 selected fewer than K' heads in a group leaves slots of zero queries whose outputs are
 dropped: correct, but that attention work is wasted.
 
+When every token of the batch selects the same heads (at init, where the router's weight
+is zero, and in every one-token decoding step of one sequence), no rows are needed: the
+selected heads' rows of ``q_proj``/``q_proj_extra`` and columns of ``o_proj``/``o_proj_extra``
+are stacked into one query and one output projection, and the block runs as the stock
+forward runs, on top_k heads instead of H. At init with top_k = H the stacked weights
+hold the stock weights' values in the stock order, so the routed output equals the stock
+output bit for bit, for either router init.
+
 Shape legend:
     B: batch, T: query tokens, S: key tokens (cache included), C: hidden size,
     H: original query heads, N: key/value heads, G = H / N, D: head dim, E = 2H,
@@ -121,6 +129,124 @@ def _plan_rows_one_group(mask: torch.Tensor, top_k: int) -> RowPlan:
     )
 
 
+@dataclass
+class UniformSelection:
+    """The heads that every token of a batch selected, in the orders the uniform path needs."""
+
+    attention_order: list[int]  # (K,) heads in key/value group order, as the attention call lays them out
+    output_order: list[int]  # (K,) the same heads by original head index, then bank: the stock o_proj order
+    kv_heads: list[int] | None  # key/value heads the selected heads read; None when all of them
+    slots_per_group: int  # selected heads per key/value head used
+
+
+def uniform_selection(mask: torch.Tensor, num_kv_heads: int, kv_bank: str = "shared") -> UniformSelection | None:
+    """Return the heads selected by every token of ``mask`` (B*T, E), or None if tokens differ.
+
+    Also None when the key/value heads in use serve different numbers of selected heads,
+    since one attention call needs the same number of query heads per key/value head.
+    """
+    if mask.shape[0] > 1 and not bool((mask == mask[:1]).all()):
+        return None
+    heads = mask[0].nonzero().flatten().tolist()
+    num_heads = mask.shape[1] // 2
+    groups = num_heads // num_kv_heads
+
+    def kv_head(head: int) -> int:
+        if kv_bank == "shared":
+            return (head % num_heads) // groups
+        return head // groups
+
+    # Originals and extras of one original head are neighbours: the stock order at top_k = H
+    output_order = sorted(heads, key=lambda head: (head % num_heads, head // num_heads))
+    attention_order = sorted(output_order, key=kv_head)
+    used = sorted({kv_head(head) for head in heads})
+    per_group = [sum(kv_head(head) == group for head in heads) for group in used]
+    if len(set(per_group)) != 1:
+        return None
+    all_used = len(used) == (num_kv_heads if kv_bank == "shared" else 2 * num_kv_heads)
+    return UniformSelection(attention_order, output_order, None if all_used else used, per_group[0])
+
+
+def _stacked_query_projection(module: nn.Module, heads: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(K*D, C) weight and (K*D,) bias of ``heads``' queries; the stock q_proj's own when they are its heads."""
+    num_heads, head_dim = module.config.num_attention_heads, module.head_dim
+    if heads == list(range(num_heads)):
+        return module.q_proj.weight, module.q_proj.bias
+    weights, biases = [], []
+    for head in heads:
+        proj = _head_projection(module, head, ("q_proj", "q_proj_extra"))
+        start = (head % num_heads) * head_dim
+        weights.append(proj.weight[start : start + head_dim])
+        if proj.bias is not None:
+            biases.append(proj.bias[start : start + head_dim])
+    return torch.cat(weights), torch.cat(biases) if biases else None
+
+
+def _stacked_output_projection(module: nn.Module, heads: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(C, K*D) weight of ``heads``' outputs and the bias the dense reference adds once per token."""
+    num_heads, head_dim = module.config.num_attention_heads, module.head_dim
+    biases = [proj.bias for proj in (module.o_proj, module.o_proj_extra) if proj.bias is not None]
+    bias = None if not biases else biases[0] if len(biases) == 1 else biases[0] + biases[1]
+    if heads == list(range(num_heads)):
+        return module.o_proj.weight, bias
+    weights = []
+    for head in heads:
+        proj = _head_projection(module, head, ("o_proj", "o_proj_extra"))
+        start = (head % num_heads) * head_dim
+        weights.append(proj.weight[:, start : start + head_dim])
+    return torch.cat(weights, dim=1), bias
+
+
+def uniform_heads_forward(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    cache: Any,
+    gates: torch.Tensor,
+    selection: UniformSelection,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Routed attention when every token selected the same K heads: the stock forward on those heads."""
+    from .attention import _GroupedQueries
+
+    batch, length = hidden_states.shape[:-1]
+    head_dim = module.head_dim
+    num_selected = len(selection.attention_order)
+
+    # (B, K, T, D) queries of the selected heads, key/value group by group
+    weight, bias = _stacked_query_projection(module, selection.attention_order)
+    queries = F.linear(hidden_states, weight, bias).view(batch, length, num_selected, head_dim).transpose(1, 2)
+
+    # (B, M, T, D) keys and values, normed and rotated as the stock model does
+    keys, values = module.moh_keys_values(hidden_states)
+    queries, keys = module.moh_norm_and_rotate(queries, keys, position_embeddings)
+
+    # (B, M, S, D) with the cache, then only the key/value heads the selected heads read
+    keys, values = module.moh_update_cache(keys, values, cache, kwargs)
+    if selection.kv_heads is not None:
+        used = torch.tensor(selection.kv_heads, device=keys.device)
+        keys, values = keys.index_select(1, used), values.index_select(1, used)
+
+    # (B, T, K, D)
+    view = _GroupedQueries(module, selection.slots_per_group)
+    attn_output, attn_weights = module.moh_attend(view, queries, keys, values, attention_mask, kwargs)
+
+    # (B, T, K, D) in output order, gated
+    if selection.output_order != selection.attention_order:
+        position = {head: index for index, head in enumerate(selection.attention_order)}
+        order = torch.tensor([position[head] for head in selection.output_order], device=attn_output.device)
+        attn_output = attn_output.index_select(2, order)
+    # Hard gates are exactly 1.0 in the forward pass, so without autograd the product is skipped
+    if module.moh_gate_mode != "hard" or gates.requires_grad:
+        heads = torch.tensor(selection.output_order, device=gates.device)
+        attn_output = attn_output * gates.index_select(-1, heads).unsqueeze(-1)
+
+    # (B, T, C)
+    weight, bias = _stacked_output_projection(module, selection.output_order)
+    return F.linear(attn_output.reshape(batch, length, -1), weight, bias), attn_weights
+
+
 def _head_projection(module: nn.Module, head: int, bank_modules: tuple[str, str]) -> nn.Linear:
     """Return the original-bank or extra-bank linear layer of head ``head`` (bank order)."""
     num_heads = module.config.num_attention_heads
@@ -191,7 +317,13 @@ def selected_heads_forward(
     routing = route(module.moh_router(hidden_states), module.moh_top_k, module.moh_gate_mode)
     if module.moh_record_routing:
         module.moh_last_routing = routing
-    plan = plan_rows(routing.mask.view(tokens, 2 * num_heads), num_kv_heads, module.moh_top_k, module.moh_kv_bank)
+    mask = routing.mask.view(tokens, 2 * num_heads)
+    selection = uniform_selection(mask, num_kv_heads, module.moh_kv_bank)
+    if selection is not None:
+        return uniform_heads_forward(
+            module, hidden_states, position_embeddings, attention_mask, cache, routing.gates, selection, **kwargs
+        )
+    plan = plan_rows(mask, num_kv_heads, module.moh_top_k, module.moh_kv_bank)
     slots = plan.num_groups * plan.slots_per_group
 
     # (B, M*K', T, D) queries of the selected heads in their slots

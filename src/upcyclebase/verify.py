@@ -19,8 +19,6 @@ PROMPTS = (
     "Photosynthesis is the process by which green plants",
 )
 NEW_TOKENS = 32
-# Largest logit difference allowed where we promise equality up to rounding, by dtype
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 @dataclass

@@ -29,7 +29,8 @@ class EvalArgs:
         "with --upcycled, the base recorded in that folder; a full-copy folder keeps its own base and this names the stock baseline).")})
     upcycled: str | None = field(default=None, metadata={"help": (
         "An upcycled folder (from upcycle or training) to evaluate; by default the base model is upcycled afresh.")})
-    router_init: str = field(default="original", metadata={"help": "Router init of a fresh upcycle.", "choices": ROUTER_INITS})
+    router_init: str = field(default="original", metadata={"help": (
+        "Router init of a fresh upcycle, or a comma-separated list to evaluate each, e.g. original,interleaved.")})
     top_k: str | None = field(default=None, metadata={"help": (
         "Comma-separated heads per token (of 2H) to evaluate the upcycled model at, e.g. 2,4,6 "
         "(default: H for a fresh upcycle, the saved top_k for --upcycled).")})
@@ -69,6 +70,14 @@ def parse_top_k(text: str | None) -> list[int] | None:
     return values
 
 
+def parse_router_inits(text: str) -> list[str]:
+    inits = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [init for init in inits if init not in ROUTER_INITS]
+    if not inits or unknown:
+        raise UsageError(f"--router_init {text!r} is invalid; use one or more of {', '.join(ROUTER_INITS)}, comma-separated.")
+    return list(dict.fromkeys(inits))
+
+
 def _parse_batch_size(text: str) -> int | str:
     if text.startswith("auto"):
         return text
@@ -94,18 +103,27 @@ def _check_top_k(model, values: list[int]) -> None:
         next(moh_modules(model)).check_top_k(value)
 
 
+def _fresh_variants(model, router_inits: list[str], values: list[int], source: str) -> list[Variant]:
+    """One variant per router init and top_k of a fresh upcycle; each resets the routers of ``model``."""
+    return [
+        Variant(f"upcycled init ({init}) top_k={k}", "init", model, top_k=k, source=source, router_init=init)
+        for init in router_inits
+        for k in values
+    ]
+
+
 def build_variants(options: EvalArgs, top_k: list[int] | None):
     """Load the models and list the variants, baseline first. Returns (variants, tokenizer, base model id)."""
     from transformers import AutoTokenizer
 
+    router_inits = parse_router_inits(options.router_init)
     full_copy = False
     if options.upcycled is None:
         base_id = options.model_id or DEFAULT_MODEL_ID
         model, tokenizer = load_base_model(base_id, options.device, options.dtype)
-        upcycle(model, router_init=options.router_init)
+        upcycle(model, router_init=router_inits[0])
         values = top_k or [next(moh_modules(model)).moh_num_heads // 2]
         _check_top_k(model, values)
-        kind, label = "init", f"upcycled init ({options.router_init})"
     else:
         record = read_upcycled_config(options.upcycled)
         full_copy = record["base_model"] == SELF_BASE
@@ -116,7 +134,6 @@ def build_variants(options: EvalArgs, top_k: list[int] | None):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         values = top_k or [next(moh_modules(model)).moh_top_k]
         _check_top_k(model, values)
-        kind, label = "trained", f"upcycled {Path(options.upcycled).name}"
 
     baseline_mode = "separate" if full_copy else options.baseline
     if baseline_mode == "separate":
@@ -125,13 +142,14 @@ def build_variants(options: EvalArgs, top_k: list[int] | None):
     else:
         variants = [Variant("baseline (stock)", "baseline", model, identity_shortcut=True, source=base_id)]
 
-    if options.upcycled is not None and options.with_init:
+    if options.upcycled is None:
+        return variants + _fresh_variants(model, router_inits, values, base_id), tokenizer, base_id
+    if options.with_init:
         fresh, _ = load_base_model(base_id, options.device, options.dtype)
-        upcycle(fresh, router_init=options.router_init)
-        variants += [Variant(f"upcycled init ({options.router_init}) top_k={k}", "init", fresh, top_k=k, source=base_id)
-                     for k in values]
-    source = options.upcycled or base_id
-    variants += [Variant(f"{label} top_k={k}", kind, model, top_k=k, source=source) for k in values]
+        upcycle(fresh, router_init=router_inits[0])
+        variants += _fresh_variants(fresh, router_inits, values, base_id)
+    label = f"upcycled {Path(options.upcycled).name}"
+    variants += [Variant(f"{label} top_k={k}", "trained", model, top_k=k, source=options.upcycled) for k in values]
     return variants, tokenizer, base_id
 
 
@@ -142,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     if options.num_fewshot < 0:
         raise UsageError(f"--num_fewshot {options.num_fewshot} is invalid; use 0 or more.")
     top_k = parse_top_k(options.top_k)
+    parse_router_inits(options.router_init)
     tasks = [name.strip() for name in options.tasks.split(",") if name.strip()]
     if not tasks:
         raise UsageError("--tasks is empty; name at least one lm-eval task, e.g. mmlu.")
@@ -159,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         seed=options.seed,
     )
     output_dir = Path(options.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {options.output_dir!r} is a file; name a folder for the reports.")
     if not args.debug:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
