@@ -38,9 +38,12 @@ train-demo: prepare prepare-data
 		--aux_loss_coef 0 --max_steps 20 --logging_steps 5 --eval_steps 20 \
 		--max_eval_samples 8 --save_steps 20 --report_to tensorboard --overwrite_output_dir
 
-# Five questions per MMLU subject: stock model against a fresh upcycle
-eval-demo: prepare prepare-mmlu
-	$(BIN)/python eval_mmlu.py --model_id embedded --limit 5 --output_dir $(OUT)/eval-demo
+# Five questions per MMLU subject: the stock model, a fresh upcycle with each router init,
+# and the train-demo model (trained first if missing), about 25 minutes on 2 CPU cores
+eval-demo: prepare prepare-mmlu prepare-data
+	test -f $(OUT)/train-demo/upcycle_config.json || $(MAKE) train-demo
+	$(BIN)/python eval_mmlu.py --model_id embedded --upcycled $(OUT)/train-demo --with_init \
+		--router_init original,interleaved --limit 5 --output_dir $(OUT)/eval-demo
 
 # Stock, identity, routed and LoRA side by side; writes benchmarks/BENCHMARKS.md
 bench: prepare

@@ -233,12 +233,14 @@ def test_uniform_selection_orders_heads():
     selection = uniform_selection(mask, num_kv_heads=2)
     assert selection.output_order == [4, 1, 3, 7]
     assert selection.attention_order == [4, 1, 3, 7]
-    assert selection.slots_per_group == 2 and selection.kv_heads is None
+    assert selection.slots_per_group == 2
+    assert selection.kv_heads is None
 
     # A separate bank reads key/value heads 0, 1 (originals) and 2, 3 (extras)
     selection = uniform_selection(mask, num_kv_heads=2, kv_bank="separate")
     assert selection.attention_order == [1, 3, 4, 7]
-    assert selection.slots_per_group == 1 and selection.kv_heads is None
+    assert selection.slots_per_group == 1
+    assert selection.kv_heads is None
 
     # Unequal heads per key/value head, or tokens that differ, go to the row path
     mask[:, 3] = False

@@ -274,19 +274,21 @@ def write_chart(summaries: list[Summary], output_dir: Path) -> Path:
     accuracy_axis.set_xticks(range(len(groups)), ["MMLU" if g == "all" else CATEGORY_TITLES[g] for g in groups])
     accuracy_axis.set_ylabel("accuracy (%)")
     accuracy_axis.set_title("MMLU accuracy ± standard error")
-    accuracy_axis.legend(fontsize="small")
+    # Below the axis, so that it covers no bar
+    accuracy_axis.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(summaries) + 1))
 
     if has_ppl:
         ppl_axis = axes[0][1]
         names = [summary.name for summary in summaries]
         values = [summary.result.perplexity.perplexity if summary.result.perplexity else 0.0 for summary in summaries]
-        ppl_axis.bar(range(len(names)), values, color=[f"C{index}" for index in range(len(names))])
+        bars = ppl_axis.bar(range(len(names)), values, color=[f"C{index}" for index in range(len(names))])
+        ppl_axis.bar_label(bars, fmt="%.3f", fontsize="small")  # the bars of close values look alike
         ppl_axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize="small")
         ppl_axis.set_title("held-out perplexity")
 
     figure.tight_layout()
     path = output_dir / CHART_NAME
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path
 

@@ -186,7 +186,9 @@ def _stacked_output_projection(module: nn.Module, heads: list[int]) -> tuple[tor
     """(C, K*D) weight of ``heads``' outputs and the bias the dense reference adds once per token."""
     num_heads, head_dim = module.config.num_attention_heads, module.head_dim
     biases = [proj.bias for proj in (module.o_proj, module.o_proj_extra) if proj.bias is not None]
-    bias = None if not biases else biases[0] if len(biases) == 1 else biases[0] + biases[1]
+    bias = None
+    for term in biases:
+        bias = term if bias is None else bias + term
     if heads == list(range(num_heads)):
         return module.o_proj.weight, bias
     weights = []

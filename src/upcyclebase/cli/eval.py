@@ -104,7 +104,7 @@ def _check_top_k(model, values: list[int]) -> None:
 
 
 def _fresh_variants(model, router_inits: list[str], values: list[int], source: str) -> list[Variant]:
-    """One variant per router init and top_k of a fresh upcycle; each resets the routers of ``model``."""
+    """List one variant per router init and top_k of a fresh upcycle; each resets the routers of ``model``."""
     return [
         Variant(f"upcycled init ({init}) top_k={k}", "init", model, top_k=k, source=source, router_init=init)
         for init in router_inits
