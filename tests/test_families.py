@@ -170,6 +170,8 @@ def test_family_is_upcycled(name):
     modules = list(moh_modules(model))
     assert len(modules) == 2
     assert all(module._moh_family.name == family_name for module in modules)
+    # preflight accepts a model by this model_type before loading its weights
+    assert modules[0]._moh_family.model_type == model.config.get_text_config().model_type
 
 
 @pytest.mark.parametrize("kv_bank", KV_BANKS)

@@ -60,6 +60,7 @@ class AttentionFamily:
     attention_class: str
     qk_norm: bool  # q_norm and k_norm (RMS norm over head_dim) run on queries and keys before RoPE
     attention_kwargs: Callable[[nn.Module], dict[str, Any]]  # extra keyword arguments of the attention call
+    model_type: str  # ``model_type`` of the family's text config, which preflight checks before loading weights
     rotary_function: str = "apply_rotary_pos_emb"
     eager_function: str = "eager_attention_forward"
 
@@ -75,19 +76,19 @@ class AttentionFamily:
 
 FAMILIES = (
     AttentionFamily("gemma3", "transformers.models.gemma3.modeling_gemma3", "Gemma3Attention",
-                    qk_norm=True, attention_kwargs=_layer_sliding_window),
+                    qk_norm=True, attention_kwargs=_layer_sliding_window, model_type="gemma3_text"),
     AttentionFamily("gemma2", "transformers.models.gemma2.modeling_gemma2", "Gemma2Attention",
-                    qk_norm=False, attention_kwargs=_sliding_window_and_softcap),
+                    qk_norm=False, attention_kwargs=_sliding_window_and_softcap, model_type="gemma2"),
     # Llama 2 and 3, SmolLM and SmolLM2
     AttentionFamily("llama", "transformers.models.llama.modeling_llama", "LlamaAttention",
-                    qk_norm=False, attention_kwargs=_no_kwargs),
+                    qk_norm=False, attention_kwargs=_no_kwargs, model_type="llama"),
     # Qwen2 and Qwen2.5
     AttentionFamily("qwen2", "transformers.models.qwen2.modeling_qwen2", "Qwen2Attention",
-                    qk_norm=False, attention_kwargs=_layer_sliding_window),
+                    qk_norm=False, attention_kwargs=_layer_sliding_window, model_type="qwen2"),
     AttentionFamily("qwen3", "transformers.models.qwen3.modeling_qwen3", "Qwen3Attention",
-                    qk_norm=True, attention_kwargs=_layer_sliding_window),
+                    qk_norm=True, attention_kwargs=_layer_sliding_window, model_type="qwen3"),
     AttentionFamily("mistral", "transformers.models.mistral.modeling_mistral", "MistralAttention",
-                    qk_norm=False, attention_kwargs=_config_sliding_window),
+                    qk_norm=False, attention_kwargs=_config_sliding_window, model_type="mistral"),
 )
 _BY_CLASS = {(family.module, family.attention_class): family for family in FAMILIES}
 

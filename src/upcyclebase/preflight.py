@@ -12,12 +12,11 @@ from pathlib import Path
 
 from .checkpoint import SELF_BASE, read_upcycled_config
 from .config import CONFIG_NAME
-from .families import supported_families_text
+from .families import FAMILIES, supported_families_text
 from .models import _hub_error, resolve_model_path
 
 
-# model_type of the text config of every family in families.FAMILIES
-SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma2", "llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_MODEL_TYPES = tuple(family.model_type for family in FAMILIES)
 
 
 @dataclass
