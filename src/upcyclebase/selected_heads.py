@@ -144,10 +144,13 @@ def uniform_selection(mask: torch.Tensor, num_kv_heads: int, kv_bank: str = "sha
 
     Also None when the key/value heads in use serve different numbers of selected heads,
     since one attention call needs the same number of query heads per key/value head.
+    On CUDA this synchronises with the host once.
     """
-    if mask.shape[0] > 1 and not bool((mask == mask[:1]).all()):
+    # One transfer: whether all tokens agree, then the first token's selection
+    same_and_first = torch.cat([(mask == mask[:1]).all().view(1), mask[0]]).tolist()
+    if not same_and_first[0]:
         return None
-    heads = mask[0].nonzero().flatten().tolist()
+    heads = [head for head, selected in enumerate(same_and_first[1:]) if selected]
     num_heads = mask.shape[1] // 2
     groups = num_heads // num_kv_heads
 
