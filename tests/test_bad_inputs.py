@@ -52,6 +52,10 @@ def inputs(tmp_path_factory):
     record = json.loads((root / "wrong_types" / "upcycle_config.json").read_text())
     record["upcycle"]["top_k"] = "four"
     (root / "wrong_types" / "upcycle_config.json").write_text(json.dumps(record))
+    save_upcycled(tiny, root / "list_config", base_model="embedded")
+    (root / "list_config" / "upcycle_config.json").write_text("[1, 2]")
+    # A Gemma-3 model folder (config only) that an output folder must not replace
+    tiny.config.save_pretrained(root / "base_folder")
     return root
 
 
@@ -90,6 +94,18 @@ CASES = [
     ("eval --model_id embedded --mmlu_dir {root}/absent_mmlu --output_dir {root}/e9", "absent_mmlu"),
     ("eval --model_id embedded --router_init original,random --output_dir {root}/e10", "random"),
     ("eval --model_id embedded --output_dir {root}/empty.txt", "is a file"),
+    ("eval --model_id embedded --output_dir {root}/empty.txt/sub", "cannot be created"),
+    ("eval --model_id embedded --tasks mmlu_anatomy,no_such_task --output_dir {root}/e11", "no_such_task"),
+    ("eval --model_id embedded --top_k 4,4 --output_dir {root}/e12", "twice"),
+    ("eval --model_id embedded --ppl_max_length 1 --output_dir {root}/e13", "ppl_max_length"),
+    ("eval --model_id embedded --ppl_max_tokens -5 --output_dir {root}/e14", "ppl_max_tokens"),
+    ("eval --model_id embedded --device nonsense --output_dir {root}/e15", "nonsense"),
+    ("eval --model_id embedded --device mps --output_dir {root}/e16", "not available"),
+    ("eval --upcycled {root}/list_config --output_dir {root}/e17", "not an object"),
+    ("train --model_id embedded --device nonsense --output_dir {root}/t16", "nonsense"),
+    ("upcycle --model_id embedded --device nonsense --output_dir {root}/o6", "nonsense"),
+    ("upcycle --model_id {root}/base_folder --output_dir {root}/base_folder --overwrite_output_dir", "base weights"),
+    ("upcycle --model_id {root}/base_folder --output_dir {root} --overwrite_output_dir", "base weights"),
 ]
 
 
@@ -114,12 +130,16 @@ def test_bad_input_rejected(command, fragment, inputs, capsys, monkeypatch):
     lines = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(lines) == 1, err
     output_dir = Path(command.split("--output_dir ")[1].split()[0].format(root=inputs))
-    assert output_dir.name in ("busy", "empty.txt") or not output_dir.exists(), f"{output_dir} was created"
+    assert output_dir.name in ("busy", "empty.txt", "base_folder", inputs.name) or not output_dir.exists(), f"{output_dir} was created"
 
 
 def test_busy_output_left_alone(inputs):
     assert (inputs / "busy" / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in (inputs / "busy").iterdir()) == ["keep.txt"]
+
+
+def test_base_folder_left_alone(inputs):
+    assert sorted(p.name for p in (inputs / "base_folder").iterdir()) == ["config.json"]
 
 
 @pytest.mark.parametrize("script, flags", [

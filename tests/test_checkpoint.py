@@ -196,3 +196,41 @@ def test_interrupted_replace_names_backup(base_dir, tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"\.adapter\.old-abc123"):
         load_upcycled(tmp_path / "adapter")
+
+
+def test_save_refuses_base_folder(base_dir, tmp_path):
+    model = _upcycled_from(base_dir)
+
+    for target in (base_dir, tmp_path):  # the base folder itself, and a folder that contains it
+        with pytest.raises(ValueError, match="base weights"):
+            save_upcycled(model, target, overwrite=True)
+
+    assert (base_dir / "config.json").is_file()
+    assert (base_dir / "model.safetensors").is_file()
+
+
+def test_relative_base_recorded_absolute(base_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = _upcycled_from(base_dir)
+
+    save_upcycled(model, tmp_path / "out", base_model="base")
+
+    record = json.loads((tmp_path / "out" / CONFIG_NAME).read_text())
+    assert record["base_model"] == str(base_dir)
+    assert load_upcycled(tmp_path / "out", device="cpu") is not None
+
+
+def test_saved_files_follow_umask(base_dir, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        save_upcycled(_upcycled_from(base_dir), tmp_path / "out")
+    finally:
+        os.umask(umask)
+
+    folder = tmp_path / "out"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert stat.S_IMODE((folder / ADAPTER_NAME).stat().st_mode) == 0o644
+    assert stat.S_IMODE((folder / CONFIG_NAME).stat().st_mode) == 0o644

@@ -20,7 +20,10 @@ from upcyclebase.checkpoint import load_upcycled
 from upcyclebase.cli import main
 from upcyclebase.evaluation import (
     EvalPlan,
+    NonFiniteScoresError,
     Variant,
+    VariantResult,
+    _check_finite,
     build_task_list,
     evaluate_variants,
     normalise_limit,
@@ -287,3 +290,16 @@ def test_limit_normalised(limit, expected):
 def test_invalid_limit_rejected(limit):
     with pytest.raises(ValueError, match="--limit"):
         normalise_limit(limit)
+
+
+@pytest.mark.parametrize("value, rejected", [(-1.25, False), (float("nan"), True), (float("-inf"), True)])
+def test_non_finite_loglikelihood_rejected(tiny_model, value, rejected):
+    # argmax over NaN log-likelihoods picks choice 0, so accuracy alone would look plausible
+    sample = {"doc_id": 0, "target": 0, "acc": 1.0, "filtered_resps": [[value, False], [-2.5, False]]}
+    result = VariantResult(Variant("fp16", "init", tiny_model), {"samples": {"mmlu_anatomy": [sample]}}, 1.0, 1)
+
+    if rejected:
+        with pytest.raises(NonFiniteScoresError, match="--dtype float32"):
+            _check_finite(result)
+    else:
+        _check_finite(result)

@@ -42,6 +42,33 @@ def _shape_record(model: nn.Module) -> dict[str, Any]:
     return {key: getattr(text, key) for key in _SHAPE_KEYS}
 
 
+def check_output_not_base(base_model: str, output_dir: str | Path) -> None:
+    """Raise a ValueError if ``output_dir`` is the local base model folder or contains it.
+
+    Replacing such a folder would delete the base weights that the saved adapter needs.
+    """
+    base = Path(base_model).expanduser()
+    if not base.is_dir():
+        return
+    base, target = base.resolve(), Path(output_dir).expanduser().resolve()
+    if target == base or target in base.parents:
+        raise ValueError(
+            f"Output folder {str(output_dir)!r} is or contains the base model folder {str(base)!r}, "
+            "so saving there would delete the base weights; choose another output folder."
+        )
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Give the files and folders of ``folder`` the permissions of the umask, as a plain write would.
+
+    ``tempfile.mkdtemp`` creates the staging folder readable by its owner only.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def save_upcycled(
     model: nn.Module,
     output_dir: str | Path,
@@ -69,7 +96,11 @@ def save_upcycled(
         raise ValueError(f"{type(model).__name__} is not upcycled; call upcyclebase.upcycle(model) before saving.")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"Output folder {str(output_dir)!r} exists and is not empty; choose another or pass overwrite.")
-    base_model = base_model or getattr(model, "upcycle_base_model", None) or model.config._name_or_path
+    base_model = str(base_model or getattr(model, "upcycle_base_model", None) or model.config._name_or_path)
+    check_output_not_base(base_model, output_dir)
+    if Path(base_model).expanduser().is_dir():
+        # A relative path would point elsewhere when the folder is loaded from another directory
+        base_model = os.path.abspath(Path(base_model).expanduser())
 
     extras = {name: param.detach().contiguous().cpu() for name, param in extra_parameters(model).items()}
     record = {
@@ -92,6 +123,7 @@ def save_upcycled(
         if full_copy:
             base_state = {k: v for k, v in model.state_dict().items() if k not in extras}
             model.save_pretrained(staging, state_dict=base_state)
+        _readable_by_all(staging)
         _fsync_tree(staging)
         _replace_folder(staging, output_dir)
     except OSError as error:
@@ -142,7 +174,9 @@ def read_upcycled_config(folder: str | Path) -> dict[str, Any]:
         record = json.loads((folder / CONFIG_NAME).read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{folder / CONFIG_NAME} is not valid JSON ({error}); save the model again.") from error
-    if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
+    if not isinstance(record, dict):
+        raise ValueError(f"{folder / CONFIG_NAME} contains a JSON {type(record).__name__}, not an object; save the model again.")
+    if record.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder / CONFIG_NAME} has format_version {record.get('format_version')!r}, expected {FORMAT_VERSION}.")
     for key, kind in (("base_model", str), ("shapes", dict), ("upcycle", dict)):
         if not isinstance(record.get(key), kind):

@@ -14,6 +14,7 @@ top-level task ("Config name is missing").
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -195,7 +196,7 @@ def normalise_limit(limit: float | None) -> int | float | None:
     if limit is None:
         return None
     if limit <= 0 or (limit >= 1 and not float(limit).is_integer()):
-        raise ValueError(f"--limit {limit} is invalid; use a whole count of questions per subject (e.g. 5) or a fraction below 1.")
+        raise ValueError(f"--limit {limit:g} is invalid; use a whole count of questions per subject (e.g. 5) or a fraction below 1.")
     return int(limit) if limit >= 1 else limit
 
 
@@ -272,11 +273,30 @@ def evaluate_variants(
                 variant.model, tokenizer, plan.perplexity_texts, max_length=plan.perplexity_max_length,
                 max_tokens=plan.perplexity_max_tokens, desc=f"perplexity, {variant.name}",
             )
+        _check_finite(result)
         logger.info("%s: %d questions in %.1f s (%.2f s per question)%s", variant.name, result.questions, seconds,
                     result.seconds_per_question,
                     f", perplexity {result.perplexity.perplexity:.3f}" if result.perplexity else "")
         results.append(result)
     return results
+
+
+class NonFiniteScoresError(ValueError):
+    """Log-likelihoods or perplexity that came out NaN or infinite, as when activations overflow float16."""
+
+
+def _check_finite(result: VariantResult) -> None:
+    """Raise rather than report accuracy computed from NaN log-likelihoods (argmax over NaN picks choice 0)."""
+    values = [value for score in question_scores(result.lm_eval).values() for value in score.loglikelihoods]
+    bad = sum(not math.isfinite(value) for value in values)
+    bad_perplexity = result.perplexity is not None and not math.isfinite(result.perplexity.perplexity)
+    if bad or bad_perplexity:
+        found = f"{bad} of {len(values)} log-likelihoods" + (" and the perplexity" if bad_perplexity else "")
+        dtype = str(next(result.variant.model.parameters()).dtype).removeprefix("torch.")
+        raise NonFiniteScoresError(
+            f"{result.variant.name}: {found} are NaN or infinite in {dtype}, so the model overflows in this dtype; "
+            "use --dtype float32 or bfloat16."
+        )
 
 
 # ---- Per-question scores ----------------------------------------------------------------------

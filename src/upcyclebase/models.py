@@ -29,9 +29,30 @@ def default_device() -> str:
     return "cpu"
 
 
+def check_device(device: str) -> None:
+    """Raise a ValueError if ``device`` is not a device name or is not available here."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is invalid; use cuda, cuda:N, mps or cpu.") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r} is not available: this torch build has no CUDA or sees no GPU; use --device cpu.")
+    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r} is not available: {torch.cuda.device_count()} GPU(s) visible; use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device!r} is not available: this torch build or machine has no MPS; use --device cpu.")
+    if kind not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"--device {device!r} is not supported; use cuda, cuda:N, mps or cpu.")
+
+
 def resolve_device_dtype(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[str, torch.dtype]:
-    """Pick the device and dtype: CUDA bf16, MPS fp16 (MPS rejects bf16), CPU fp32 (bf16 is slow on most CPUs)."""
+    """Pick the device and dtype: CUDA bf16, MPS fp16 (MPS rejects bf16), CPU fp32 (bf16 is slow on most CPUs).
+
+    Raises:
+        ValueError: if the device is invalid or not available, or the dtype is unknown.
+    """
     device = device or default_device()
+    check_device(device)
     if dtype is None:
         dtype = {"cuda": torch.bfloat16, "mps": torch.float16}.get(torch.device(device).type, torch.float32)
     elif isinstance(dtype, str):

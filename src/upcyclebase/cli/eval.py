@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,8 @@ def parse_top_k(text: str | None) -> list[int] | None:
             values.append(int(part))
         except ValueError:
             raise UsageError(f"--top_k {text!r} is invalid; use comma-separated integers such as 2,4,6.") from None
+    if len(set(values)) != len(values):
+        raise UsageError(f"--top_k {text!r} lists a value twice; name each top_k once.")
     return values
 
 
@@ -87,7 +90,11 @@ def _parse_batch_size(text: str) -> int | str:
 
 
 def _perplexity_texts(options: EvalArgs) -> list[str] | None:
-    if options.ppl_max_tokens <= 0:
+    if options.ppl_max_tokens < 0:
+        raise UsageError(f"--ppl_max_tokens {options.ppl_max_tokens} is invalid; use a token count, or 0 to skip perplexity.")
+    if options.ppl_max_length < 2:
+        raise UsageError(f"--ppl_max_length {options.ppl_max_length} is invalid; a perplexity window needs 2 or more tokens.")
+    if options.ppl_max_tokens == 0:
         return None
     if options.ppl_file:
         return read_texts(options.ppl_file)
@@ -96,6 +103,47 @@ def _perplexity_texts(options: EvalArgs) -> list[str] | None:
         logger.warning("No perplexity file at %s, so perplexity is skipped; prepare the corpus or pass --ppl_file", default)
         return None
     return read_texts(default)
+
+
+def _check_tasks(task_list: list, task_manager) -> None:
+    """Reject task names that lm-eval does not know, before any model loads."""
+    known = set(task_manager.all_tasks)
+    unknown = [task for task in task_list if isinstance(task, str) and task not in known]
+    if unknown:
+        raise UsageError(
+            f"--tasks names {', '.join(map(repr, unknown))}, which lm-eval does not know; "
+            "run `lm-eval ls tasks` for the names, or use mmlu, an MMLU category or mmlu_<subject>."
+        )
+
+
+def _make_output_dir(path: Path) -> Path | None:
+    """Create ``path`` and return the topmost folder this created (None if it existed), so a failed run can remove it."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output_dir {str(path)!r} is a file; name a folder for the reports.")
+    created = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        created = folder
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--output_dir {str(path)!r} cannot be created ({error.strerror}); name a folder you can write to.") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"--output_dir {str(path)!r} is not writable; name a folder you can write to.")
+    return created
+
+
+def _remove_empty_folders(path: Path, top: Path | None) -> None:
+    """Remove ``path`` and its parents up to ``top`` while they are empty (what _make_output_dir created)."""
+    if top is None:
+        return
+    for folder in (path, *path.parents):
+        if not folder.is_dir() or any(folder.iterdir()):
+            return
+        folder.rmdir()
+        if folder == top:
+            return
 
 
 def _check_top_k(model, values: list[int]) -> None:
@@ -177,19 +225,27 @@ def run(args: argparse.Namespace) -> int:
         perplexity_max_tokens=options.ppl_max_tokens,
         seed=options.seed,
     )
-    output_dir = Path(options.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output_dir {options.output_dir!r} is a file; name a folder for the reports.")
+    device, dtype = resolve_device_dtype(options.device, options.dtype)
     if not args.debug:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    from lm_eval.tasks import TaskManager
 
+    task_manager = TaskManager()
+    _check_tasks(plan.task_list, task_manager)
+
+    # Created now, so that an unwritable folder fails before hours of evaluation, and removed on failure
+    output_dir = Path(options.output_dir)
+    created = _make_output_dir(output_dir)
     start = time.perf_counter()
-    variants, tokenizer, base_id = build_variants(options, top_k)
-    results = evaluate_variants(variants, tokenizer, plan)
+    try:
+        variants, tokenizer, base_id = build_variants(options, top_k)
+        results = evaluate_variants(variants, tokenizer, plan, task_manager=task_manager)
+    except BaseException:
+        _remove_empty_folders(output_dir, created)
+        raise
 
     import lm_eval
 
-    device, dtype = resolve_device_dtype(options.device, options.dtype)
     settings = {
         **asdict(options),
         "model_id": base_id,

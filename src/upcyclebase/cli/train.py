@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_upcycled
+from ..checkpoint import check_output_not_base, load_upcycled
 from ..config import GATE_MODES, ROUTER_INITS
 from ..data import CORPUS_ALIAS, load_blocks
 from ..models import DEFAULT_MODEL_ID, load_base_model, resolve_device_dtype
@@ -97,9 +97,11 @@ def _check_options(options: TrainArgs) -> None:
 
 def _check_model_and_data(options: TrainArgs) -> None:
     """Check flags that depend on the model's config and the dataset path, before loading either."""
+    resolve_device_dtype(options.device, options.dtype)
     if options.dataset != CORPUS_ALIAS:
         check_local_path(options.dataset, "--dataset")
     shape = read_model_shape(options.model_id)
+    check_output_not_base(options.model_id, options.output_dir)
     for flag, value in (("--top_k", options.top_k), ("--top_k_final", options.top_k_final)):
         if value is not None:
             check_top_k(value, shape.num_heads, flag)

@@ -8,7 +8,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..checkpoint import load_upcycled, save_upcycled
+from ..checkpoint import check_output_not_base, load_upcycled, save_upcycled
 from ..config import GATE_MODES, KV_BANKS, ROUTER_INITS
 from ..models import DEFAULT_MODEL_ID, load_base_model, resolve_device_dtype
 from ..preflight import read_model_shape
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     # Checks that read configs only, before the weights load
     resolve_device_dtype(options.device, options.dtype)
     read_model_shape(options.model_id)
+    check_output_not_base(options.model_id, output)
 
     model, tokenizer = load_base_model(options.model_id, options.device, options.dtype)
     checks = [] if options.skip_verify else _verify(model, tokenizer, options)
