@@ -106,6 +106,8 @@ CASES = [
     ("upcycle --model_id embedded --device nonsense --output_dir {root}/o6", "nonsense"),
     ("upcycle --model_id {root}/base_folder --output_dir {root}/base_folder --overwrite_output_dir", "base weights"),
     ("upcycle --model_id {root}/base_folder --output_dir {root} --overwrite_output_dir", "base weights"),
+    ("upcycle --model_id embedded --output_dir {root}/empty.txt/sub", "is a file"),
+    ("train --model_id embedded --output_dir {root}/empty.txt", "is a file"),
 ]
 
 

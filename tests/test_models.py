@@ -19,8 +19,21 @@ def test_cpu_defaults_to_float32():
     assert resolve_device_dtype("cpu") == ("cpu", torch.float32)
 
 
-def test_mps_bfloat16_falls_back_to_float16():
+def test_mps_bfloat16_falls_back_to_float16(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # as on a Mac
+
     assert resolve_device_dtype("mps", "bfloat16") == ("mps", torch.float16)
+
+
+def test_unavailable_device_rejected(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    for device in ("mps", "cuda", "cuda:1"):
+        with pytest.raises(ValueError, match="not available"):
+            resolve_device_dtype(device)
+    with pytest.raises(ValueError, match="invalid"):
+        resolve_device_dtype("gpu0")
 
 
 def test_explicit_dtype_kept():

@@ -7,6 +7,7 @@ before anything is tokenized.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,18 @@ def check_seq_len(seq_len: int, max_positions: int | None) -> None:
         raise ValueError(f"--seq_len {seq_len} is invalid; use a positive integer.")
     if max_positions is not None and seq_len > max_positions:
         raise ValueError(f"--seq_len {seq_len} is above the model's context of {max_positions} tokens; use at most {max_positions}.")
+
+
+def check_output_folder(value: str, flag: str = "--output_dir") -> None:
+    """Reject an output folder that is a file, lies below a file, or cannot be written where it would be created."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {value!r} is a file; name a folder.")
+    existing = next(parent for parent in (path, *path.parents) if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {value!r} cannot be created: {str(existing)!r} is a file; name a folder.")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"{flag} {value!r} cannot be created: {str(existing)!r} is not writable; name a folder you can write to.")
 
 
 def check_local_path(value: str, flag: str) -> None:

@@ -297,6 +297,9 @@ def write_reports(results: list[VariantResult], settings: dict[str, Any], output
     """Write every report file; the first result is the baseline. Returns the paths by kind."""
     output_dir = Path(output_dir)
     (output_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    # Samples of an earlier run's variants would sit next to this run's as if they belonged to it
+    for stale in (output_dir / SAMPLES_DIR).glob("*.jsonl"):
+        stale.unlink()
     summaries = summarise(results)
     table = format_table(summaries, settings)
     (output_dir / TABLE_NAME).write_text(table, encoding="utf-8")

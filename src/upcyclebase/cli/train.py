@@ -23,7 +23,7 @@ from ..checkpoint import check_output_not_base, load_upcycled
 from ..config import GATE_MODES, ROUTER_INITS
 from ..data import CORPUS_ALIAS, load_blocks
 from ..models import DEFAULT_MODEL_ID, load_base_model, resolve_device_dtype
-from ..preflight import check_local_path, check_seq_len, check_top_k, read_model_shape
+from ..preflight import check_local_path, check_output_folder, check_seq_len, check_top_k, read_model_shape
 from ..upcycle import freeze_base_weights, moh_modules, set_moh, upcycle
 from .args import UsageError, add_dataclass_arguments, dataclass_from_args
 
@@ -102,6 +102,7 @@ def _check_model_and_data(options: TrainArgs) -> None:
         check_local_path(options.dataset, "--dataset")
     shape = read_model_shape(options.model_id)
     check_output_not_base(options.model_id, options.output_dir)
+    check_output_folder(options.output_dir)
     for flag, value in (("--top_k", options.top_k), ("--top_k_final", options.top_k_final)):
         if value is not None:
             check_top_k(value, shape.num_heads, flag)

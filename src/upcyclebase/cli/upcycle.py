@@ -11,7 +11,7 @@ from pathlib import Path
 from ..checkpoint import check_output_not_base, load_upcycled, save_upcycled
 from ..config import GATE_MODES, KV_BANKS, ROUTER_INITS
 from ..models import DEFAULT_MODEL_ID, load_base_model, resolve_device_dtype
-from ..preflight import read_model_shape
+from ..preflight import check_output_folder, read_model_shape
 from ..upcycle import reset_router, set_moh, upcycle
 from ..verify import Check, compare, encode_prompts, format_report, record
 from .args import UsageError, add_dataclass_arguments, dataclass_from_args
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_device_dtype(options.device, options.dtype)
     read_model_shape(options.model_id)
     check_output_not_base(options.model_id, output)
+    check_output_folder(options.output_dir)
 
     model, tokenizer = load_base_model(options.model_id, options.device, options.dtype)
     checks = [] if options.skip_verify else _verify(model, tokenizer, options)
