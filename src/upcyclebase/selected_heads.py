@@ -170,36 +170,42 @@ def uniform_selection(mask: torch.Tensor, num_kv_heads: int, kv_bank: str = "sha
     return UniformSelection(attention_order, output_order, None if all_used else used, per_group[0])
 
 
+def _head_features(module: nn.Module, head: int, bank_modules: tuple[str, str]) -> tuple[nn.Linear, slice]:
+    """Return the original-bank or extra-bank linear layer of head ``head`` (bank order) and its D features in it."""
+    num_heads, head_dim = module.config.num_attention_heads, module.head_dim
+    start = (head % num_heads) * head_dim
+    return getattr(module, bank_modules[0] if head < num_heads else bank_modules[1]), slice(start, start + head_dim)
+
+
+def _query_weight(module: nn.Module, head: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(D, C) rows of q_proj or q_proj_extra that compute head ``head`` (bank order), and their (D,) bias."""
+    proj, features = _head_features(module, head, ("q_proj", "q_proj_extra"))
+    return proj.weight[features], None if proj.bias is None else proj.bias[features]
+
+
+def _output_weight(module: nn.Module, head: int) -> torch.Tensor:
+    """(C, D) columns of o_proj or o_proj_extra that head ``head`` (bank order) feeds."""
+    proj, features = _head_features(module, head, ("o_proj", "o_proj_extra"))
+    return proj.weight[:, features]
+
+
 def _stacked_query_projection(module: nn.Module, heads: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(K*D, C) weight and (K*D,) bias of ``heads``' queries; the stock q_proj's own when they are its heads."""
-    num_heads, head_dim = module.config.num_attention_heads, module.head_dim
-    if heads == list(range(num_heads)):
+    if heads == list(range(module.config.num_attention_heads)):
         return module.q_proj.weight, module.q_proj.bias
-    weights, biases = [], []
-    for head in heads:
-        proj = _head_projection(module, head, ("q_proj", "q_proj_extra"))
-        start = (head % num_heads) * head_dim
-        weights.append(proj.weight[start : start + head_dim])
-        if proj.bias is not None:
-            biases.append(proj.bias[start : start + head_dim])
-    return torch.cat(weights), torch.cat(biases) if biases else None
+    weights, biases = zip(*(_query_weight(module, head) for head in heads))
+    return torch.cat(weights), None if biases[0] is None else torch.cat(biases)
 
 
 def _stacked_output_projection(module: nn.Module, heads: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(C, K*D) weight of ``heads``' outputs and the bias the dense reference adds once per token."""
-    num_heads, head_dim = module.config.num_attention_heads, module.head_dim
     biases = [proj.bias for proj in (module.o_proj, module.o_proj_extra) if proj.bias is not None]
     bias = None
     for term in biases:
         bias = term if bias is None else bias + term
-    if heads == list(range(num_heads)):
+    if heads == list(range(module.config.num_attention_heads)):
         return module.o_proj.weight, bias
-    weights = []
-    for head in heads:
-        proj = _head_projection(module, head, ("o_proj", "o_proj_extra"))
-        start = (head % num_heads) * head_dim
-        weights.append(proj.weight[:, start : start + head_dim])
-    return torch.cat(weights, dim=1), bias
+    return torch.cat([_output_weight(module, head) for head in heads], dim=1), bias
 
 
 def uniform_heads_forward(
@@ -252,42 +258,29 @@ def uniform_heads_forward(
     return F.linear(attn_output.reshape(batch, length, -1), weight, bias), attn_weights
 
 
-def _head_projection(module: nn.Module, head: int, bank_modules: tuple[str, str]) -> nn.Linear:
-    """Return the original-bank or extra-bank linear layer of head ``head`` (bank order)."""
-    num_heads = module.config.num_attention_heads
-    return getattr(module, bank_modules[0] if head < num_heads else bank_modules[1])
-
-
 def _project_queries(module: nn.Module, hidden: torch.Tensor, plan: RowPlan) -> torch.Tensor:
     """Project the selected rows to queries in the (B*T*N*K', D) slot layout, one matmul per head."""
-    num_heads, head_dim = module.config.num_attention_heads, module.head_dim
     parts = []
     for head, tokens in enumerate(plan.token.split(plan.counts)):
         if tokens.shape[0] == 0:
             continue
-        proj = _head_projection(module, head, ("q_proj", "q_proj_extra"))
-        start = (head % num_heads) * head_dim
-        weight = proj.weight[start : start + head_dim]
-        bias = None if proj.bias is None else proj.bias[start : start + head_dim]
+        weight, bias = _query_weight(module, head)
         parts.append(F.linear(hidden.index_select(0, tokens), weight, bias))
     rows = torch.cat(parts)  # (R, D)
     if plan.slots_in_row_order:
         return rows
     slots = hidden.shape[0] * plan.slots_per_group * plan.num_groups
     empty = rows.new_empty if plan.all_slots_filled else rows.new_zeros
-    return empty(slots, head_dim).index_copy(0, plan.slot, rows)
+    return empty(slots, module.head_dim).index_copy(0, plan.slot, rows)
 
 
 def _project_outputs(module: nn.Module, rows: torch.Tensor, plan: RowPlan, tokens: int) -> torch.Tensor:
     """Project each row through its head's columns of o_proj and sum the rows of each token into (B*T, C)."""
-    num_heads, head_dim = module.config.num_attention_heads, module.head_dim
     output = rows.new_zeros(tokens, module.config.hidden_size)
     for head, (head_rows, head_tokens) in enumerate(zip(rows.split(plan.counts), plan.token.split(plan.counts))):
         if head_rows.shape[0] == 0:
             continue
-        proj = _head_projection(module, head, ("o_proj", "o_proj_extra"))
-        start = (head % num_heads) * head_dim
-        output.index_add_(0, head_tokens, F.linear(head_rows, proj.weight[:, start : start + head_dim]))
+        output.index_add_(0, head_tokens, F.linear(head_rows, _output_weight(module, head)))
 
     # The dense reference adds each bank's bias once per token, whatever was selected
     for proj in (module.o_proj, module.o_proj_extra):
