@@ -32,12 +32,13 @@ def default_device() -> str:
 def check_device(device: str) -> None:
     """Raise a ValueError if ``device`` is not a device name or is not available here."""
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r} is invalid; use cuda, cuda:N, mps or cpu.") from None
+    kind = parsed.type
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device!r} is not available: this torch build has no CUDA or sees no GPU; use --device cpu.")
-    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+    if kind == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device!r} is not available: {torch.cuda.device_count()} GPU(s) visible; use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device!r} is not available: this torch build or machine has no MPS; use --device cpu.")

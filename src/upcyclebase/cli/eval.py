@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from ..config import ROUTER_INITS
 from ..evaluation import EvalPlan, Variant, build_task_list, evaluate_variants, normalise_limit, resolve_mmlu_source
 from ..models import DEFAULT_MODEL_ID, load_base_model, resolve_device_dtype, resolve_model_path
 from ..perplexity import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TOKENS, default_perplexity_file, read_texts
+from ..preflight import check_output_folder
 from ..reports import write_reports
 from ..upcycle import moh_modules, upcycle
 from .args import UsageError, add_dataclass_arguments, dataclass_from_args
@@ -117,9 +117,10 @@ def _check_tasks(task_list: list, task_manager) -> None:
 
 
 def _make_output_dir(path: Path) -> Path | None:
-    """Create ``path`` and return the topmost folder this created (None if it existed), so a failed run can remove it."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--output_dir {str(path)!r} is a file; name a folder for the reports.")
+    """Create ``path`` and return the topmost folder this created (None if it existed), so a failed run can remove it.
+
+    Call ``check_output_folder`` first: it rejects a file and an unwritable parent with a clearer message.
+    """
     created = None
     for folder in (path, *path.parents):
         if folder.exists():
@@ -129,8 +130,6 @@ def _make_output_dir(path: Path) -> Path | None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"--output_dir {str(path)!r} cannot be created ({error.strerror}); name a folder you can write to.") from None
-    if not os.access(path, os.W_OK):
-        raise UsageError(f"--output_dir {str(path)!r} is not writable; name a folder you can write to.")
     return created
 
 
@@ -225,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         perplexity_max_tokens=options.ppl_max_tokens,
         seed=options.seed,
     )
+    check_output_folder(options.output_dir)
     device, dtype = resolve_device_dtype(options.device, options.dtype)
     if not args.debug:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     task_manager = TaskManager()
     _check_tasks(plan.task_list, task_manager)
 
-    # Created now, so that an unwritable folder fails before hours of evaluation, and removed on failure
+    # Created before the models load, so that a folder that cannot be made fails early; removed if the run fails
     output_dir = Path(options.output_dir)
     created = _make_output_dir(output_dir)
     start = time.perf_counter()
